@@ -1,0 +1,34 @@
+# The two set-up commands: `make train` and `make test` (they create .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# 8 virtual CPU devices, so the 8-device layouts run on a machine without accelerators.
+CPU_DEVICES ?= 8
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
+
+.PHONY: train test test-slow bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/picotron-jax train --config meshes/default.yaml --run-dir runs/default
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/picotron-jax bench --peak --json benchmarks/results/peak.json
+	XLA_FLAGS= $(BIN)/picotron-jax bench --config meshes/bench-32m.yaml --json benchmarks/results/bench-32m.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,335 @@
+"""Typed run configuration: dataclasses per section, YAML loading, `section.key=value` overrides.
+
+Levanter-style nested configs instead of MaxText's flat namespace: every field has a type and a
+default, and `validate` stops a run before any work with one message naming the field, its value
+and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from picotron_jax.errors import UserError
+
+MESH_AXES = ("pipe", "data", "context", "expert", "tensor")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0 -> hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    scan_unroll: int = 1  # layers per scan iteration: faster on CPU, longer compile
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class MeshConfig:
+    pipe: int = 1
+    data: int = -1
+    context: int = 1
+    expert: int = 1
+    tensor: int = 1
+    num_devices: int = 0  # 0 -> all visible devices; N -> the first N
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    seq_len: int = 128
+    global_batch: int = 16  # sequences per optimizer step
+    grad_accum: int = 1  # microbatches per step (scanned)
+    zero_stage: int = 0  # 0 = plain DP, 1 = optimizer state sharded, 3 = parameters too (FSDP)
+    z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM)
+    dtype: str = "float32"  # parameter and compute dtype
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    decay_steps: int = 0  # 0 -> train.steps - warmup_steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" | text file | folder of text files | .jsonl | .parquet
+    text_field: str = "text"  # field holding the text in .jsonl / .parquet rows
+    tokenizer: str = "byte"  # "byte" | path to a Hugging Face tokenizer.json
+    cache_dir: str = ""  # "" -> ~/.cache/picotron_jax/tokens
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" -> RUN_DIR/checkpoints
+    every: int = 0  # steps between saves; 0 = never
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between log lines / metrics rows
+    run_dir: str = "runs/latest"
+    progress: bool = True  # progress bar on a terminal
+    peak_flops: float = 0.0  # whole-run peak FLOP/s for MFU; 0 -> device table or measured CPU peak
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 5
+    warmup: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check/convert one leaf value against its declared type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - all leaves are bool/int/float/str
+        raise TypeError(f"unsupported config type {typ} at {where}")
+    raise UserError(f"config field '{where}' = {value!r}: expected {typ.__name__}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config section '{prefix}' must be a mapping, got {raw!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(raw) - set(types_))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise UserError(
+            f"unknown config key '{where}'; valid keys{' in ' + prefix if prefix else ''}: "
+            + ", ".join(sorted(types_))
+        )
+    kwargs = {}
+    for name, typ in types_.items():
+        if name not in raw:
+            continue
+        where = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, raw[name], where)
+        else:
+            kwargs[name] = _coerce(raw[name], typ, where)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.steps=10", "mesh.data=4"]` -> nested dict (values parsed as YAML scalars)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like section.key=value (e.g. train.steps=10)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise UserError(f"override key '{key}' must be section.key (e.g. mesh.tensor=2)")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        nested.setdefault(parts[0], {})[parts[1]] = parsed
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply overrides, build typed dataclasses. Does not validate the mesh."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' does not exist; presets live in meshes/ (e.g. meshes/single.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file '{path}' is not valid YAML: {exc}") from None
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return _build(Config, raw, "")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# -------------------------------------------------------------------------------- validation
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the one -1 filled in; errors name both numbers when they do not fit."""
+    sizes = mesh.axis_sizes()
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise UserError(f"config field 'mesh.{axis}' = {size}: must be a positive size or -1 (fill)")
+    fills = [a for a, s in sizes.items() if s == -1]
+    if len(fills) > 1:
+        raise UserError(f"only one mesh axis may be -1, got {', '.join('mesh.' + a for a in fills)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fills:
+        if num_devices % fixed:
+            raise UserError(
+                f"mesh.{fills[0]}=-1 cannot fill {num_devices} devices: the other axes multiply to {fixed}, "
+                f"which does not divide {num_devices}"
+            )
+        sizes[fills[0]] = num_devices // fixed
+    product = math.prod(sizes.values())
+    if product != num_devices:
+        shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        raise UserError(
+            f"mesh {shape} has {product} devices but the run uses {num_devices}; "
+            f"make the axis sizes multiply to {num_devices} (or set one axis to -1); on a CPU-only machine "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={product} gives {product} virtual devices"
+        )
+    return sizes
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def validate(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Check every cross-field constraint before any work; returns the resolved mesh sizes."""
+    m, t, o = cfg.model, cfg.train, cfg.optimizer
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        value = getattr(m, name)
+        _need(value > 0, f"config field 'model.{name}' = {value}: must be positive")
+    _need(m.num_heads % m.num_kv_heads == 0,
+          f"config field 'model.num_kv_heads' = {m.num_kv_heads}: must divide model.num_heads = {m.num_heads}")
+    _need(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,
+          f"config field 'model.hidden_size' = {m.hidden_size}: must be divisible by model.num_heads = "
+          f"{m.num_heads} (or set model.head_dim)")
+    _need(m.resolved_head_dim % 2 == 0,
+          f"config field 'model.head_dim' = {m.resolved_head_dim}: rotary embeddings need an even head_dim")
+    _need(m.scan_unroll >= 1, f"config field 'model.scan_unroll' = {m.scan_unroll}: must be >= 1")
+    _need(t.steps > 0, f"config field 'train.steps' = {t.steps}: must be positive")
+    _need(t.seq_len > 0, f"config field 'train.seq_len' = {t.seq_len}: must be positive")
+    _need(t.zero_stage in (0, 1, 3),
+          f"config field 'train.zero_stage' = {t.zero_stage}: valid values are 0 (plain DP), 1 (optimizer "
+          f"state sharded over data), 3 (parameters too, FSDP)")
+    _need(t.dtype in ("float32", "bfloat16"),
+          f"config field 'train.dtype' = {t.dtype!r}: valid values are 'float32', 'bfloat16'")
+    _need(t.grad_accum >= 1, f"config field 'train.grad_accum' = {t.grad_accum}: must be >= 1")
+    _need(t.global_batch % t.grad_accum == 0,
+          f"config field 'train.global_batch' = {t.global_batch}: must be divisible by train.grad_accum = "
+          f"{t.grad_accum}")
+    _need(o.lr > 0, f"config field 'optimizer.lr' = {o.lr}: must be positive")
+    _need(0.0 <= o.min_lr_ratio <= 1.0, f"config field 'optimizer.min_lr_ratio' = {o.min_lr_ratio}: must be in [0, 1]")
+    _need(o.warmup_steps >= 0, f"config field 'optimizer.warmup_steps' = {o.warmup_steps}: must be >= 0")
+    _need(o.grad_clip >= 0, f"config field 'optimizer.grad_clip' = {o.grad_clip}: must be >= 0 (0 disables)")
+    _need(cfg.logging.every >= 1, f"config field 'logging.every' = {cfg.logging.every}: must be >= 1")
+    _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")
+    _need(cfg.bench.warmup >= 0, f"config field 'bench.warmup' = {cfg.bench.warmup}: must be >= 0")
+
+    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+    _need(sizes["pipe"] == 1,
+          f"config field 'mesh.pipe' = {sizes['pipe']}: pipeline parallelism is not available yet; use mesh.pipe=1")
+    _need(sizes["context"] == 1,
+          f"config field 'mesh.context' = {sizes['context']}: context parallelism is not available yet; "
+          f"use mesh.context=1")
+    tp = sizes["tensor"]
+    _need(m.num_heads % tp == 0,
+          f"config field 'model.num_heads' = {m.num_heads}: must be divisible by mesh.tensor = {tp}")
+    _need(m.num_kv_heads % tp == 0 or tp % m.num_kv_heads == 0,
+          f"config field 'model.num_kv_heads' = {m.num_kv_heads}: must be divisible by mesh.tensor = {tp}, or "
+          f"divide it (then each KV head is replicated on {max(tp // m.num_kv_heads, 1)} tensor ranks)")
+    _need(m.intermediate_size % tp == 0,
+          f"config field 'model.intermediate_size' = {m.intermediate_size}: must be divisible by "
+          f"mesh.tensor = {tp}")
+    _need(m.vocab_size % tp == 0,
+          f"config field 'model.vocab_size' = {m.vocab_size}: must be divisible by mesh.tensor = {tp} "
+          f"(vocabulary-parallel embedding); round it up, e.g. to {math.ceil(m.vocab_size / tp) * tp}")
+    batch_ways = sizes["data"] * sizes["expert"]
+    micro = t.global_batch // t.grad_accum
+    _need(micro % batch_ways == 0,
+          f"config field 'train.global_batch' = {t.global_batch}: each of the {t.grad_accum} microbatch(es) "
+          f"has {micro} sequences, which must be divisible by mesh.data x mesh.expert = {batch_ways}")
+    return sizes

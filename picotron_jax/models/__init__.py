@@ -1,0 +1,1 @@
+"""Pure model definitions annotated with logical axes; they know nothing of meshes or training."""

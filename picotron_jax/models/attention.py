@@ -1,0 +1,40 @@
+"""Rotary position embeddings (Su et al. 2021) and causal grouped-query attention (Ainslie et al. 2023)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def rotary_tables(positions_T: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, K]; frequencies theta^(-2i/K) repeated for the two halves (Llama/HF layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_TK2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles_TK = jnp.concatenate([angles_TK2, angles_TK2], axis=-1)
+    return jnp.cos(angles_TK), jnp.sin(angles_TK)
+
+
+def apply_rotary(x_BTNK: jax.Array, cos_TK: jax.Array, sin_TK: jax.Array) -> jax.Array:
+    """Rotate pairs (x_i, x_{i+K/2}) by position-dependent angles; N is any head axis."""
+    half = x_BTNK.shape[-1] // 2
+    x1, x2 = x_BTNK[..., :half], x_BTNK[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos_TK[None, :, None, :].astype(x_BTNK.dtype)
+    sin = sin_TK[None, :, None, :].astype(x_BTNK.dtype)
+    return x_BTNK * cos + rotated * sin
+
+
+def causal_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(K) + causal mask) v, with H = G * R query heads sharing each KV head."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32) * (K**-0.5)
+    S = k_BSGK.shape[1]
+    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
+    scores_BGRTS = jnp.where(causal_TS, scores_BGRTS, NEG_INF)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
+    out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+    return out_BTGRK.reshape(B, T, H, K)

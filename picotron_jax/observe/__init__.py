@@ -1,0 +1,1 @@
+"""Observability helpers: inspect compiled programs, timings and traffic."""

@@ -1,0 +1,66 @@
+"""Metrics rows (JSON lines in the run directory), the one-line log format, and memory readings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import psutil
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (flushed every row)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._file = open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def device_memory_bytes(devices: list[jax.Device]) -> int:
+    """Peak bytes in use on the first device (accelerators), or this process's RSS on CPU."""
+    stats = None
+    try:
+        stats = devices[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    if stats and "bytes_in_use" in stats:
+        return int(stats["bytes_in_use"])
+    return int(psutil.Process().memory_info().rss)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def format_log_line(row: dict[str, Any], total_steps: int) -> str:
+    """step 40/300 | loss 2.8812 | lr 2.95e-03 | gnorm 0.412 | 1,234 tok/s | MFU 41.2% | mem 1.2GiB"""
+    width = len(str(total_steps))
+    mfu = row.get("mfu")
+    mfu_text = f"{100 * mfu:5.1f}%" if isinstance(mfu, float) and math.isfinite(mfu) else "  n/a"
+    return (
+        f"step {row['step']:>{width}}/{total_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+        f"gnorm {row['grad_norm']:.3f} | {row['tokens_per_s']:>9,.0f} tok/s | MFU {mfu_text} | "
+        f"mem {human_bytes(row['memory_bytes'])}"
+    )

@@ -1,0 +1,1 @@
+"""Parallelism: logical-axis rules (data, ZeRO, tensor) and the parts that need code beyond rules."""

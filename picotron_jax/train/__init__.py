@@ -1,0 +1,1 @@
+"""Train state, optimizer factory, loss and the jitted step."""

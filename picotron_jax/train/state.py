@@ -1,0 +1,90 @@
+"""The train state (step, parameters, optimizer state) and its shardings on the mesh.
+
+Parameters are created inside `jit` with the target shardings as `out_shardings`: each device
+builds only its shard, and with JAX's partitionable threefry the values depend on the seed
+alone, never on the mesh (DESIGN: same math on every layout).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from picotron_jax.config import Config
+from picotron_jax.models.llama import Llama
+from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train.optimizer import build_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nested dict of arrays (nnx pure dict)
+    opt_state: Any
+
+
+@dataclass
+class ModelSpec:
+    """What the step needs to know about the model without holding its values."""
+
+    graphdef: Any
+    logical_axes: Any  # same tree as params, leaves = tuples of logical names
+    shapes: Any  # same tree as params, leaves = jax.ShapeDtypeStruct
+
+    def num_params(self) -> int:
+        return sum(math.prod(s.shape) for s in jax.tree.leaves(self.shapes))
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    abstract = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    graphdef, state = nnx.split(abstract)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    axes = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), state, is_leaf=is_var)
+    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state, is_leaf=is_var)
+    return ModelSpec(graphdef, nnx.to_pure_dict(axes), nnx.to_pure_dict(shapes))
+
+
+@dataclass
+class StateSetup:
+    """Everything about the train state that does not hold array values."""
+
+    spec: ModelSpec
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: TrainState  # a TrainState whose leaves are NamedShardings
+    abstract: TrainState  # a TrainState whose leaves are ShapeDtypeStructs
+
+
+def setup_state(cfg: Config, rules: MeshRules) -> StateSetup:
+    spec = model_spec(cfg)
+    tx, schedule = build_optimizer(cfg)
+    param_shardings = rules.param_shardings(spec.logical_axes, spec.shapes)
+    abstract_opt = jax.eval_shape(tx.init, spec.shapes)
+    opt_shardings = rules.opt_state_shardings(tx, abstract_opt, spec.logical_axes, spec.shapes)
+    replicated = rules.named(jax.sharding.PartitionSpec())
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=spec.shapes, opt_state=abstract_opt)
+    return StateSetup(spec, tx, schedule, shardings, abstract)
+
+
+def init_params(cfg: Config, setup: StateSetup) -> Any:
+    def create():
+        return nnx.to_pure_dict(nnx.split(Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))[1])
+
+    return jax.jit(create, out_shardings=setup.shardings.params)()
+
+
+def init_train_state(cfg: Config, setup: StateSetup) -> TrainState:
+    params = init_params(cfg, setup)
+
+    def create(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params))
+
+    return jax.jit(create, out_shardings=setup.shardings)(params)

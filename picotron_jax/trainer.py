@@ -1,0 +1,210 @@
+"""The training loop: set up mesh, data and state, run jitted steps, log, and summarise.
+
+Ctrl-C (SIGINT) or SIGTERM stops cleanly after the current step; a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from picotron_jax.config import Config, save_config, validate
+from picotron_jax.data import TokenDataset, global_batch, prefetch
+from picotron_jax.errors import UserError
+from picotron_jax.mesh import build_mesh, describe, run_devices
+from picotron_jax.observe.flops import flops_per_token, run_peak_flops
+from picotron_jax.observe.metrics import MetricsWriter, device_memory_bytes, format_log_line
+from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train.state import StateSetup, TrainState, init_train_state, setup_state
+from picotron_jax.train.step import build_train_step
+
+
+@dataclass
+class Run:
+    """Everything a run builds before its first step (shared by `train` and `bench`)."""
+
+    cfg: Config
+    devices: list
+    mesh: Any
+    rules: MeshRules
+    dataset: TokenDataset
+    setup: StateSetup
+    train_step: Any
+
+    def batch(self, step: int) -> dict[str, jax.Array]:
+        return global_batch(self.dataset, step, self.cfg.train.global_batch, self.rules.batch_sharding())
+
+
+def prepare_run(cfg: Config) -> Run:
+    """Validate everything, then build mesh, data and the jitted step (no compilation yet)."""
+    devices = run_devices(cfg.mesh)
+    validate(cfg, len(devices))
+    mesh = build_mesh(cfg.mesh, devices)
+    rules = MeshRules(mesh, cfg.train.zero_stage)
+    dataset = TokenDataset.build(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    if dataset.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"config field 'model.vocab_size' = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({dataset.vocab_size} tokens, data.tokenizer = {cfg.data.tokenizer!r}); set model.vocab_size to at "
+            f"least {dataset.vocab_size} (rounded up to a multiple of mesh.tensor)"
+        )
+    setup = setup_state(cfg, rules)
+    return Run(cfg, devices, mesh, rules, dataset, setup, build_train_step(cfg, rules, setup))
+
+
+@dataclass
+class StopFlag:
+    requested: bool = False
+    reason: str = ""
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the current step, then stop. Second SIGINT: abort now."""
+
+    def handler(signum, _frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested, flag.reason = True, signal.Signals(signum).name
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class Summary:
+    steps: int = 0
+    first_loss: float = math.nan
+    final_loss: float = math.nan
+    tokens_per_s: float = math.nan
+    mfu: float = math.nan
+    compile_s: float = math.nan
+    wall_s: float = 0.0
+    stopped_early: str = ""
+    rows: list[dict] = field(default_factory=list)
+
+
+def train(cfg: Config, run_dir: Path, console: Console | None = None) -> Summary:
+    console = console or Console(soft_wrap=True)
+    is_main = jax.process_index() == 0
+    t_start = time.perf_counter()
+    run = prepare_run(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    peak, peak_source = run_peak_flops(run.devices, cfg.logging.peak_flops)
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    spec = run.setup.spec
+    if is_main:
+        console.print(
+            f"[bold]picotron-jax[/] mesh {describe(run.mesh)} on {len(run.devices)} {run.devices[0].platform} "
+            f"device(s) | {spec.num_params() / 1e6:.2f}M params | ZeRO-{cfg.train.zero_stage} | "
+            f"data {run.dataset.num_tokens:,} tokens ({cfg.data.source}) | peak {peak / 1e9:.1f} GFLOP/s "
+            f"({peak_source})"
+        )
+
+    state: TrainState = init_train_state(cfg, run.setup)
+    metrics_file = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
+    summary = Summary()
+    flag = StopFlag()
+    total = cfg.train.steps
+    start_step = int(state.step)
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=console, disable=not (is_main and cfg.logging.progress and console.is_terminal),
+        transient=True,
+    )
+    batches = prefetch((run.batch(s) for s in range(start_step, total)), size=2)
+    try:
+        with stop_on_signals(flag), progress:
+            task = progress.add_task("training", total=total, completed=start_step)
+            t_window, window_steps = time.perf_counter(), 0
+            for step in range(start_step, total):
+                batch = next(batches)
+                t0 = time.perf_counter()
+                state, metrics = run.train_step(state, batch)
+                if step == start_step:
+                    jax.block_until_ready(metrics)
+                    summary.compile_s = time.perf_counter() - t0
+                    t_window = time.perf_counter()  # throughput excludes the compiling step
+                else:
+                    window_steps += 1
+                progress.advance(task)
+                last = step + 1 == total or flag.requested
+                if (step + 1) % cfg.logging.every == 0 or last or step == start_step:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - t_window
+                    tps = window_steps * tokens_per_step / elapsed if window_steps and elapsed > 0 else math.nan
+                    row = {
+                        "step": step + 1,
+                        "loss": float(metrics["loss"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "lr": float(metrics["lr"]),
+                        "z_loss": float(metrics["z_loss"]),
+                        "tokens": int(metrics["tokens"]),
+                        "tokens_per_s": tps,
+                        "mfu": tps * fpt / peak if peak and math.isfinite(tps) else math.nan,
+                        "memory_bytes": device_memory_bytes(run.devices),
+                        "time_s": time.perf_counter() - t_start,
+                    }
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}")
+                    metrics_file.write(row)
+                    summary.rows.append(row)
+                    if is_main:
+                        progress.console.print(format_log_line(row, total))
+                    t_window, window_steps = time.perf_counter(), 0
+                summary.steps = step + 1
+                if flag.requested:
+                    summary.stopped_early = flag.reason
+                    break
+    finally:
+        batches.close()
+        metrics_file.close()
+    jax.block_until_ready(state)
+    summary.wall_s = time.perf_counter() - t_start
+    _fill_summary(summary)
+    if is_main:
+        _print_summary(console, summary, run_dir)
+    return summary
+
+
+def _fill_summary(summary: Summary) -> None:
+    rows = summary.rows
+    if not rows:
+        return
+    summary.first_loss, summary.final_loss = rows[0]["loss"], rows[-1]["loss"]
+    timed = [r for r in rows if math.isfinite(r["tokens_per_s"])]
+    if timed:
+        summary.tokens_per_s = float(np.median([r["tokens_per_s"] for r in timed]))
+        mfus = [r["mfu"] for r in timed if math.isfinite(r["mfu"])]
+        summary.mfu = float(np.median(mfus)) if mfus else math.nan
+
+
+def _print_summary(console: Console, s: Summary, run_dir: Path) -> None:
+    stopped = f" (stopped early by {s.stopped_early})" if s.stopped_early else ""
+    mfu = f"{100 * s.mfu:.1f}%" if math.isfinite(s.mfu) else "n/a"
+    console.print(
+        f"[bold]done[/]{stopped}: {s.steps} steps in {s.wall_s:.1f}s (compile {s.compile_s:.1f}s) | loss "
+        f"{s.first_loss:.4f} -> {s.final_loss:.4f} | median {s.tokens_per_s:,.0f} tok/s | MFU {mfu} | "
+        f"run dir {run_dir}"
+    )
