@@ -1,1 +1,1 @@
-"""Observability helpers: inspect compiled programs, timings and traffic."""
+"""Measurement: FLOPs and MFU, memory, metrics files, compiled-HLO analysis."""

@@ -92,7 +92,7 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
         grads = jax.lax.with_sharding_constraint(grads, setup.shardings.params)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": setup.schedule(state.step)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = rules.named(P())
