@@ -1,0 +1,105 @@
+"""ZeRO shrinks per-device state; vocabulary-parallel cross-entropy is exact and never holds full logits."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from helpers import preset, setup, synthetic_batch
+from picotron_jax.bench import compiled_memory
+from picotron_jax.config import load_config
+from picotron_jax.mesh import build_mesh
+from picotron_jax.parallel.sharding import MeshRules, bytes_per_device
+from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy, vocab_parallel_embed
+from picotron_jax.train.state import init_train_state
+from picotron_jax.train.step import build_train_step
+
+
+def state_bytes(name: str) -> tuple[int, int, dict]:
+    cfg = preset(name)
+    rules, st = setup(cfg)
+    params = bytes_per_device(st.abstract.params, st.shardings.params)
+    opt = bytes_per_device(st.abstract.opt_state, st.shardings.opt_state)
+    state = init_train_state(cfg, st)
+    compiled = build_train_step(cfg, rules, st).lower(state, synthetic_batch(cfg, 0, rules)).compile()
+    return params, opt, compiled_memory(compiled)
+
+
+def test_zero_shrinks_state_by_the_data_axis():
+    p0, o0, m0 = state_bytes("dp8")
+    p1, o1, m1 = state_bytes("zero1-dp8")
+    p3, o3, m3 = state_bytes("zero3-dp8")
+    counters = o0 - 2 * p0  # Adam: two moments shaped like the params + small replicated step counters
+    assert 0 <= counters < 64
+    assert p1 == p0 and (o1 - counters) * 8 == o0 - counters  # ZeRO-1: moments / 8, params replicated
+    assert p3 * 8 == p0 and o3 == o1  # ZeRO-3: parameters / 8 too
+    # the compiled step's inputs (state + batch) shrink accordingly
+    assert m1["argument_bytes"] < 0.5 * m0["argument_bytes"]
+    assert m3["argument_bytes"] < 0.2 * m0["argument_bytes"]
+
+
+def test_tensor_parallel_splits_heads_mlp_and_vocab():
+    cfg = preset("tp4-dp2")
+    _, st = setup(cfg)
+    specs = jax.tree.map(lambda s: s.spec, st.shardings.params)
+    layers = specs["layers"]
+    assert layers["wq"] == P(None, "tensor", None, None)  # heads (column parallel)
+    assert layers["wo"] == P(None, None, "tensor", None)  # o split by its input heads (row parallel)
+    assert layers["w_gate"] == P(None, "tensor", None) and layers["w_down"] == P(None, None, "tensor")
+    assert specs["embed"] == P("tensor", None) and specs["lm_head"] == P("tensor", None)
+
+
+def _xent_case(mesh_overrides):
+    cfg = load_config(None, ["mesh.pipe=1", *mesh_overrides])
+    rules = MeshRules(build_mesh(cfg.mesh), 0)
+    B, T, D, V = 8, 16, 32, 512
+    keys = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(keys[0], (B, T, D))
+    w = jax.random.normal(keys[1], (V, D)) * 0.3
+    tgt = jax.random.randint(keys[2], (B, T), 0, V)
+    mask = (jax.random.uniform(keys[3], (B, T)) > 0.2).astype(jnp.float32)
+    return rules, h, w, tgt, mask
+
+
+def plain_xent(h, w, tgt, mask):
+    logp = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, w), axis=-1)
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    lse = jax.nn.logsumexp(jnp.einsum("btd,vd->btv", h, w), axis=-1)
+    return jnp.sum(nll * mask), jnp.sum(lse**2 * mask)
+
+
+def test_vocab_parallel_cross_entropy_equals_plain_and_has_no_full_logits():
+    for overrides in (["mesh.data=1", "mesh.tensor=8"], ["mesh.data=4", "mesh.tensor=2"]):
+        rules, h, w, tgt, mask = _xent_case(overrides)
+        tp = rules.mesh.shape["tensor"]
+        h = jax.device_put(h, rules.named(P(("data", "expert"), None, None)))
+        w = jax.device_put(w, rules.named(P("tensor", None)))
+
+        def loss(h, w):
+            nll, z = vocab_parallel_cross_entropy(rules, h, w, tgt, mask)
+            return nll + 0.1 * z
+
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w)
+        ref_nll, ref_z = plain_xent(h, w, tgt, mask)
+        ref_value, ref_grads = jax.value_and_grad(
+            lambda h, w: sum(x * c for x, c in zip(plain_xent(h, w, tgt, mask), (1.0, 0.1))), argnums=(0, 1)
+        )(np.asarray(h), np.asarray(w))
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(r))))
+
+        hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w).compile().as_text()
+        last_dims = {int(m) for m in re.findall(r"\[(?:\d+,)+(\d+)\]", hlo)}
+        assert 512 // tp in last_dims, "expected the local vocab shard in the HLO"
+        assert 512 not in last_dims, f"full [.., 512] logits appear on one device with tensor={tp}"
+
+
+def test_vocab_parallel_embedding_equals_take():
+    rules, _, w, tgt, _ = _xent_case(["mesh.data=2", "mesh.tensor=4"])
+    w_sharded = jax.device_put(w, rules.named(P("tensor", None)))
+    out = jax.jit(lambda w, t: vocab_parallel_embed(rules, w, t))(w_sharded, tgt)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.take(w, tgt, axis=0)))
