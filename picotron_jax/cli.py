@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _add_config_args(p)
     p.add_argument("--run-dir", help="where config.yaml and metrics.jsonl go (default: logging.run_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
 
     p = sub.add_parser("bench", help="time the train step: tokens/s, MFU, memory, collectives (JSON)")
     _add_config_args(p)
@@ -50,7 +51,7 @@ def cmd_train(args) -> int:
     cfg = _load(args)
     run_dir = Path(args.run_dir or cfg.logging.run_dir)
     cfg.logging.run_dir = str(run_dir)
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, resume=args.resume)
     return 130 if summary.stopped_early == "SIGINT" else 0
 
 

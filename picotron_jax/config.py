@@ -91,7 +91,8 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # "" -> RUN_DIR/checkpoints
-    every: int = 0  # steps between saves; 0 = never
+    every: int = 0  # steps between saves (and one at the end); 0 = never
+    keep: int = 3  # newest checkpoints kept; 0 = all
 
 
 @dataclass
@@ -305,6 +306,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(0.0 <= o.min_lr_ratio <= 1.0, f"config field 'optimizer.min_lr_ratio' = {o.min_lr_ratio}: must be in [0, 1]")
     _need(o.warmup_steps >= 0, f"config field 'optimizer.warmup_steps' = {o.warmup_steps}: must be >= 0")
     _need(o.grad_clip >= 0, f"config field 'optimizer.grad_clip' = {o.grad_clip}: must be >= 0 (0 disables)")
+    _need(cfg.checkpoint.every >= 0, f"config field 'checkpoint.every' = {cfg.checkpoint.every}: must be >= 0")
+    _need(cfg.checkpoint.keep >= 0, f"config field 'checkpoint.keep' = {cfg.checkpoint.keep}: must be >= 0 (0 = all)")
     _need(cfg.logging.every >= 1, f"config field 'logging.every' = {cfg.logging.every}: must be >= 1")
     _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")
     _need(cfg.bench.warmup >= 0, f"config field 'bench.warmup' = {cfg.bench.warmup}: must be >= 0")

@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from picotron_jax.checkpoint import Checkpointer
 from picotron_jax.config import Config, save_config, validate
 from picotron_jax.data import TokenDataset, global_batch, prefetch
 from picotron_jax.errors import UserError
@@ -102,7 +103,8 @@ class Summary:
     rows: list[dict] = field(default_factory=list)
 
 
-def train(cfg: Config, run_dir: Path, console: Console | None = None) -> Summary:
+def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bool = False) -> Summary:
+    """Run (or with `resume`, continue from the newest checkpoint) up to `train.steps` steps."""
     console = console or Console(soft_wrap=True)
     is_main = jax.process_index() == 0
     t_start = time.perf_counter()
@@ -122,7 +124,13 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None) -> Summary
             f"({peak_source})"
         )
 
-    state: TrainState = init_train_state(cfg, run.setup)
+    ckpt = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg)
+    if resume:
+        state: TrainState = ckpt.restore(run.setup.abstract, run.setup.shardings)
+        if is_main:
+            console.print(f"resumed from {ckpt.directory / str(int(state.step))} at step {int(state.step)}")
+    else:
+        state = init_train_state(cfg, run.setup)
     metrics_file = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
     summary = Summary()
     flag = StopFlag()
@@ -174,12 +182,15 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None) -> Summary
                         progress.console.print(format_log_line(row, total))
                     t_window, window_steps = time.perf_counter(), 0
                 summary.steps = step + 1
+                if ckpt.should_save(step + 1, last):
+                    ckpt.save(state, cfg, {"tokens_seen": (step + 1) * tokens_per_step, "mesh": describe(run.mesh)})
                 if flag.requested:
                     summary.stopped_early = flag.reason
                     break
     finally:
         batches.close()
         metrics_file.close()
+        ckpt.close()
     jax.block_until_ready(state)
     summary.wall_s = time.perf_counter() - t_start
     _fill_summary(summary)
