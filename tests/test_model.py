@@ -73,3 +73,16 @@ def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
     lines16, trips16 = hlo_lines(16)
     assert "16" in trips16 and "2" in trips2  # one while loop over the layers, forward and backward
     assert lines16 < 1.1 * lines2
+
+
+def test_projection_vjp_equals_autodiff():
+    from picotron_jax.models.linear import project
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+    w = jax.random.normal(jax.random.key(1), (6, 3, 4))
+    dy = jax.random.normal(jax.random.key(2), (2, 5, 3, 4))
+    spec = "btd,dhk->bthk"
+    _, custom = jax.vjp(lambda x, w: project(spec, x, w), x, w)
+    _, plain = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
+    for a, b in zip(custom(dy), plain(dy)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

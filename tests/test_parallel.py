@@ -47,9 +47,9 @@ def test_tensor_parallel_splits_heads_mlp_and_vocab():
     _, st = setup(cfg)
     specs = jax.tree.map(lambda s: s.spec, st.shardings.params)
     layers = specs["layers"]
-    assert layers["wq"] == P(None, "tensor", None, None)  # heads (column parallel)
-    assert layers["wo"] == P(None, None, "tensor", None)  # o split by its input heads (row parallel)
-    assert layers["w_gate"] == P(None, "tensor", None) and layers["w_down"] == P(None, None, "tensor")
+    assert layers["wq"] == P(None, None, "tensor", None)  # [L, D, H, K]: heads (column parallel)
+    assert layers["wo"] == P(None, "tensor", None, None)  # [L, H, K, D]: o split by its input (row parallel)
+    assert layers["w_gate"] == P(None, None, "tensor") and layers["w_down"] == P(None, "tensor", None)
     assert specs["embed"] == P("tensor", None) and specs["lm_head"] == P("tensor", None)
 
 

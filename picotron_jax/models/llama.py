@@ -3,8 +3,8 @@
 Tensors are named with their shape letters (nanodo convention): B batch, T time, D model width,
 F MLP width, H query heads, G KV heads, R = H/G query heads per KV head, K head dim, V vocab,
 L layers. Every parameter carries `logical_axes` metadata that `parallel/sharding.py` maps to
-mesh axes. Weights are stored output-first ([out, in], as PyTorch does): on XLA:CPU the
-weight-gradient dot of that layout is the fast one (see benchmarks/README.md).
+mesh axes. Weights are stored input-first ([in, out], e.g. wq [L, D, H, K]) and applied with
+`project`, whose hand-written VJP keeps XLA:CPU's weight-gradient dots fast (models/linear.py).
 
 Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time
 does not grow with depth. Initialisation uses only the seed (one key per parameter).
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from picotron_jax.config import ModelConfig
-from picotron_jax.models.attention import causal_attention, rotary_tables, apply_rotary
+from picotron_jax.models.attention import apply_rotary, causal_attention, rotary_tables
+from picotron_jax.models.linear import project
 
 
 class ParallelOps(Protocol):
@@ -43,14 +44,14 @@ LOCAL_OPS = LocalOps()
 # name -> (logical axes, shape from (L, D, F, H, G, K, V)); "norm" params start at one.
 LAYER_PARAMS = {
     "attn_norm": (("layers", "embed"), lambda L, D, F, H, G, K: (L, D)),
-    "wq": (("layers", "heads", "head_dim", "embed"), lambda L, D, F, H, G, K: (L, H, K, D)),
-    "wk": (("layers", "kv_heads", "head_dim", "embed"), lambda L, D, F, H, G, K: (L, G, K, D)),
-    "wv": (("layers", "kv_heads", "head_dim", "embed"), lambda L, D, F, H, G, K: (L, G, K, D)),
-    "wo": (("layers", "embed", "heads", "head_dim"), lambda L, D, F, H, G, K: (L, D, H, K)),
+    "wq": (("layers", "embed", "heads", "head_dim"), lambda L, D, F, H, G, K: (L, D, H, K)),
+    "wk": (("layers", "embed", "kv_heads", "head_dim"), lambda L, D, F, H, G, K: (L, D, G, K)),
+    "wv": (("layers", "embed", "kv_heads", "head_dim"), lambda L, D, F, H, G, K: (L, D, G, K)),
+    "wo": (("layers", "heads", "head_dim", "embed"), lambda L, D, F, H, G, K: (L, H, K, D)),
     "mlp_norm": (("layers", "embed"), lambda L, D, F, H, G, K: (L, D)),
-    "w_gate": (("layers", "mlp", "embed"), lambda L, D, F, H, G, K: (L, F, D)),
-    "w_up": (("layers", "mlp", "embed"), lambda L, D, F, H, G, K: (L, F, D)),
-    "w_down": (("layers", "embed", "mlp"), lambda L, D, F, H, G, K: (L, D, F)),
+    "w_gate": (("layers", "embed", "mlp"), lambda L, D, F, H, G, K: (L, D, F)),
+    "w_up": (("layers", "embed", "mlp"), lambda L, D, F, H, G, K: (L, D, F)),
+    "w_down": (("layers", "mlp", "embed"), lambda L, D, F, H, G, K: (L, F, D)),
 }
 OUTPUT_PROJECTIONS = ("wo", "w_down")  # scaled by 1/sqrt(2L) at init (GPT-2, Radford et al. 2019)
 
@@ -65,21 +66,21 @@ def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
 def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps) -> jax.Array:
     """One pre-norm Llama block: x + Attn(norm(x)), then x + SwiGLU(norm(x)). `p` holds one layer."""
     h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
-    q_BTHK = jnp.einsum("btd,hkd->bthk", h_BTD, p["wq"])
-    k_BTGK = jnp.einsum("btd,gkd->btgk", h_BTD, p["wk"])
-    v_BTGK = jnp.einsum("btd,gkd->btgk", h_BTD, p["wv"])
+    q_BTHK = project("btd,dhk->bthk", h_BTD, p["wq"])
+    k_BTGK = project("btd,dgk->btgk", h_BTD, p["wk"])
+    v_BTGK = project("btd,dgk->btgk", h_BTD, p["wv"])
     q_BTHK = ops.constrain(apply_rotary(q_BTHK, cos_TK, sin_TK), ("batch", "seq", "heads", "head_dim"))
     k_BTGK = ops.constrain(apply_rotary(k_BTGK, cos_TK, sin_TK), ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
     o_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK)
-    x_BTD = x_BTD + jnp.einsum("bthk,dhk->btd", o_BTHK, p["wo"])
+    x_BTD = x_BTD + project("bthk,hkd->btd", o_BTHK, p["wo"])
     x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
     h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_BTF = jnp.einsum("btd,fd->btf", h_BTD, p["w_gate"])
-    up_BTF = jnp.einsum("btd,fd->btf", h_BTD, p["w_up"])
+    gate_BTF = project("btd,df->btf", h_BTD, p["w_gate"])
+    up_BTF = project("btd,df->btf", h_BTD, p["w_up"])
     act_BTF = ops.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    x_BTD = x_BTD + jnp.einsum("btf,df->btd", act_BTF, p["w_down"])
+    x_BTD = x_BTD + project("btf,fd->btd", act_BTF, p["w_down"])
     return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
 
