@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from picotron_jax.config import ModelConfig
-from picotron_jax.models.attention import apply_rotary, causal_attention, rotary_tables
+from picotron_jax.models.attention import apply_rotary, causal_attention, reference_attention, rotary_tables
 from picotron_jax.models.llama import Llama
 
 SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -35,6 +35,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     scores = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), scores, -jnp.inf)
     ref = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores, axis=-1), v_rep)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reference_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_rotary_scores_depend_only_on_relative_position():

@@ -104,14 +104,18 @@ class Llama(nnx.Module):
             layers[name] = nnx.Param(value, logical_axes=axes)
         self.layers = nnx.Dict(layers)
         self.final_norm = nnx.Param(jnp.ones((D,), param_dtype), logical_axes=("embed",))
-        if not cfg.tie_embeddings:
+        if not cfg.tie_embeddings:  # [D, V], input-first like every projection
             self.lm_head = nnx.Param(
-                cfg.init_std * jax.random.normal(rngs.params(), (V, D), param_dtype), logical_axes=("vocab", "embed")
+                cfg.init_std * jax.random.normal(rngs.params(), (D, V), param_dtype), logical_axes=("embed", "vocab")
             )
 
     def head_weight(self) -> jax.Array:
-        """[V, D]: the LM head (the embedding table when tied)."""
+        """The LM head: [D, V], or the [V, D] embedding table when tied (see `head_is_vocab_first`)."""
         return (self.embed if self.cfg.tie_embeddings else self.lm_head)[...]
+
+    @property
+    def head_is_vocab_first(self) -> bool:
+        return self.cfg.tie_embeddings
 
     def hidden_states(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS,
                       compute_dtype=jnp.float32) -> jax.Array:
@@ -132,4 +136,5 @@ class Llama(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (full logits: for inference and inspection)."""
         h_BTD = self.hidden_states(tokens_BT, ops)
-        return jnp.einsum("btd,vd->btv", h_BTD, self.head_weight(), preferred_element_type=jnp.float32)
+        spec = "btd,vd->btv" if self.head_is_vocab_first else "btd,dv->btv"
+        return jnp.einsum(spec, h_BTD, self.head_weight(), preferred_element_type=jnp.float32)

@@ -7,6 +7,7 @@ never exist on one device: the softmax normaliser is combined with pmax/psum ove
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
@@ -41,36 +42,87 @@ def vocab_parallel_embed(rules: "MeshRules", table_VD: jax.Array, tokens_BT: jax
     )
 
 
+def _local_xent_stats(h_btD, w, tgt_bt, head_spec: str):
+    """Per-token log-sum-exp over the whole vocabulary and the target logit, from this rank's slice."""
+    logits_btv = jnp.einsum(head_spec, h_btD, w, preferred_element_type=jnp.float32)
+    v = logits_btv.shape[-1]
+    # the max is only a shift for stability; it gets no gradient (the VJP below is written by hand)
+    max_bt = jax.lax.pmax(jnp.max(logits_btv, axis=-1), TENSOR)
+    sumexp_bt = jax.lax.psum(jnp.sum(jnp.exp(logits_btv - max_bt[..., None]), axis=-1), TENSOR)
+    lse_bt = jnp.log(sumexp_bt) + max_bt
+    ids_bt = tgt_bt - _local_vocab_range(v)
+    mine_bt = (ids_bt >= 0) & (ids_bt < v)
+    local_ids_bt = jnp.where(mine_bt, ids_bt, 0)
+    picked_bt = jnp.take_along_axis(logits_btv, local_ids_bt[..., None], axis=-1)[..., 0]
+    target_bt = jax.lax.psum(jnp.where(mine_bt, picked_bt, 0.0), TENSOR)
+    return logits_btv, lse_bt, target_bt, mine_bt, local_ids_bt
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _local_xent(head_spec: str, h_btD, w, tgt_bt, m_bt):
+    """(sum of mask * (lse - target logit), sum of mask * lse^2) over this rank's tokens."""
+    _, lse_bt, target_bt, _, _ = _local_xent_stats(h_btD, w, tgt_bt, head_spec)
+    return jnp.sum((lse_bt - target_bt) * m_bt), jnp.sum(jnp.square(lse_bt) * m_bt)
+
+
+def _local_xent_fwd(head_spec, h_btD, w, tgt_bt, m_bt):
+    _, lse_bt, target_bt, _, _ = _local_xent_stats(h_btD, w, tgt_bt, head_spec)
+    out = jnp.sum((lse_bt - target_bt) * m_bt), jnp.sum(jnp.square(lse_bt) * m_bt)
+    return out, (h_btD, w, tgt_bt, m_bt, lse_bt)
+
+
+def _local_xent_bwd(head_spec, residuals, cotangents):
+    """d/dlogits = softmax * (g_nll + 2 g_z lse) * mask - onehot(target) * g_nll * mask.
+
+    Recomputes the logits slice instead of saving it (one [b, t, V/tp] buffer less), and writes the
+    head gradient in the head's own layout (fast weight-gradient dots, see models/linear.py)."""
+    h_btD, w, tgt_bt, m_bt, lse_bt = residuals
+    g_nll, g_z = cotangents
+    logits_btv = jnp.einsum(head_spec, h_btD, w, preferred_element_type=jnp.float32)
+    v = logits_btv.shape[-1]
+    ids_bt = tgt_bt - _local_vocab_range(v)
+    mine_bt = (ids_bt >= 0) & (ids_bt < v)
+    probs_btv = jnp.exp(logits_btv - lse_bt[..., None])
+    m_bt = m_bt.astype(jnp.float32)
+    row_scale_bt = (g_nll + 2.0 * g_z * lse_bt) * m_bt
+    onehot_btv = jax.nn.one_hot(jnp.where(mine_bt, ids_bt, -1), v, dtype=jnp.float32)
+    dlogits_btv = (probs_btv * row_scale_bt[..., None] - onehot_btv * (g_nll * m_bt)[..., None]).astype(h_btD.dtype)
+    h_sub, w_sub, y_sub = head_spec.replace("->", ",").split(",")
+    dh_btD = jnp.einsum(f"{y_sub},{w_sub}->{h_sub}", dlogits_btv, w)
+    dw = jnp.einsum(f"{h_sub},{y_sub}->{w_sub}", h_btD, dlogits_btv)
+    return _sum_to_type(dh_btD, h_btD), _sum_to_type(dw, w), None, None
+
+
+def _sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """psum a gradient over the mesh axes it varies on but its primal does not (what autodiff does:
+    dh sums the vocabulary shards over `tensor`, dW sums the batch shards over data/context)."""
+    extra = tuple(sorted(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying))
+    return (jax.lax.psum(grad, extra) if extra else grad).astype(primal.dtype)
+
+
+_local_xent.defvjp(_local_xent_fwd, _local_xent_bwd)
+
+
 def vocab_parallel_cross_entropy(
     rules: "MeshRules",
     h_BTD: jax.Array,
-    head_VD: jax.Array,
+    head: jax.Array,
     targets_BT: jax.Array,
     mask_BT: jax.Array,
+    vocab_first: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum over tokens of (-log p(target), log(Z)^2), each weighted by mask. Logits in fp32.
 
+    `head` is [V, D] (`vocab_first`, a tied embedding table) or [D, V] (an untied LM head).
     Returns scalars replicated on every device; divide by the token count outside.
     """
     tok_spec = rules.activation_spec(("batch", "seq"))
     h_spec = rules.activation_spec(("batch", "seq", "embed"))
-    reduce_axes = tuple(a for a in ("data", "expert", "context", TENSOR) if rules.mesh.shape[a] > 1)
+    batch_axes = tuple(a for a in ("data", "expert", "context") if rules.mesh.shape[a] > 1)
+    head_spec, w_spec = ("btd,vd->btv", P(TENSOR, None)) if vocab_first else ("btd,dv->btv", P(None, TENSOR))
 
-    def local(h_btD, w_vD, tgt_bt, m_bt):
-        logits_btv = jnp.einsum("btd,vd->btv", h_btD, w_vD, preferred_element_type=jnp.float32)
-        v = logits_btv.shape[-1]
-        # max is only a shift for stability: no gradient flows through it
-        max_bt = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits_btv, axis=-1)), TENSOR)
-        sumexp_bt = jax.lax.psum(jnp.sum(jnp.exp(logits_btv - max_bt[..., None]), axis=-1), TENSOR)
-        lse_bt = jnp.log(sumexp_bt) + max_bt
-        ids_bt = tgt_bt - _local_vocab_range(v)
-        mine_bt = (ids_bt >= 0) & (ids_bt < v)
-        picked_bt = jnp.take_along_axis(logits_btv, jnp.where(mine_bt, ids_bt, 0)[..., None], axis=-1)[..., 0]
-        target_logit_bt = jax.lax.psum(jnp.where(mine_bt, picked_bt, 0.0), TENSOR)
-        m_bt = m_bt.astype(jnp.float32)
-        nll = jnp.sum((lse_bt - target_logit_bt) * m_bt)
-        z = jnp.sum(jnp.square(lse_bt) * m_bt)
-        batch_axes = tuple(a for a in reduce_axes if a != TENSOR)
+    def local(h_btD, w, tgt_bt, m_bt):
+        nll, z = _local_xent(head_spec, h_btD, w, tgt_bt, m_bt.astype(jnp.float32))
         if batch_axes:
             nll, z = jax.lax.psum(nll, batch_axes), jax.lax.psum(z, batch_axes)
         return nll, z
@@ -78,6 +130,6 @@ def vocab_parallel_cross_entropy(
     return jax.shard_map(
         local,
         mesh=rules.mesh,
-        in_specs=(h_spec, P(TENSOR, None), tok_spec, tok_spec),
+        in_specs=(h_spec, w_spec, tok_spec, tok_spec),
         out_specs=(P(), P()),
-    )(h_BTD, head_VD, targets_BT, mask_BT)
+    )(h_BTD, head, targets_BT, mask_BT)

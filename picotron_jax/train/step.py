@@ -33,8 +33,10 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any) -> Callable[[An
     def loss_sums(params, batch):
         model = nnx.merge(graphdef, nnx.State(params))
         h_BTD = model.hidden_states(batch["inputs"], rules, compute_dtype)
-        head_VD = model.head_weight().astype(compute_dtype)
-        nll, z = vocab_parallel_cross_entropy(rules, h_BTD, head_VD, batch["targets"], batch["mask"])
+        head = model.head_weight().astype(compute_dtype)
+        nll, z = vocab_parallel_cross_entropy(
+            rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
+        )
         return nll + z_coef * z, (nll, z)
 
     return loss_sums
