@@ -7,6 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -353,3 +354,35 @@ ENTRY main {
     b = collective_bytes(text)
     assert b["ragged-all-to-all"] == 256  # max(input, output buffer); offsets not counted
     assert all(b[k] == 0 for k in MAIN_KINDS)
+
+
+def test_collectives_over_size_one_groups_move_nothing():
+    """A psum over a size-1 mesh axis stays in the HLO as an all-reduce with one-device groups."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"))
+    f = jax.shard_map(lambda x: jax.lax.psum(x, "tensor"), mesh=mesh, in_specs=P("tensor"), out_specs=P())
+    text = jax.jit(f).lower(jnp.ones(1024)).compile().as_text()
+    assert "all-reduce" in text
+    assert collective_bytes(text)["all-reduce"] == 0
+    hand = "replica_groups={{0},{1}}"
+    assert collective_bytes(_wrap_ar(hand))["all-reduce"] == 0
+    assert collective_bytes(_wrap_ar("replica_groups={{0,1}}"))["all-reduce"] == 4096
+    assert collective_bytes(_wrap_ar("replica_groups=[4,1]<=[4]"))["all-reduce"] == 0
+    assert collective_bytes(_wrap_ar("replica_groups=[1,4]<=[4]"))["all-reduce"] == 4096
+
+
+def _wrap_ar(groups: str) -> str:
+    return f"""HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {{
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}}
+
+ENTRY %main (p: f32[1024]) -> f32[1024] {{
+  %p = f32[1024]{{0}} parameter(0)
+  ROOT %r = f32[1024]{{0}} all-reduce(%p), channel_id=1, {groups}, use_global_device_ids=true, to_apply=%add
+}}
+"""

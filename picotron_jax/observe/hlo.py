@@ -343,9 +343,39 @@ def _collective(ins: _Instr, comp: _Comp) -> tuple[str, int] | None:
     else:
         out_bytes = _tree_bytes(ins.shape)
         op_bytes = _operand_bytes(ins, comp, only_first=kind == "ragged-all-to-all")
+    if _moves_nothing(ins.raw_attrs):
+        return kind, 0
     if kind == "collective-permute":
         return kind, out_bytes
     return kind, max(op_bytes, out_bytes)
+
+
+_GROUPS_LIST_RE = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
+_GROUPS_IOTA_RE = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_GROUPS_MESH_RE = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_PAIRS_RE = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+
+
+def _moves_nothing(attrs: str) -> bool:
+    """True for a collective whose every group is one device (e.g. a psum over a size-1 mesh
+    axis: `replica_groups={{0}}`) or a permute that only sends devices to themselves."""
+    m = _GROUPS_LIST_RE.search(attrs)
+    if m and m.group(1).strip():
+        groups = re.findall(r"\{([\d,\s]*)\}", m.group(1))
+        return all(len([x for x in g.split(",") if x.strip()]) <= 1 for g in groups)
+    m = _GROUPS_IOTA_RE.search(attrs)
+    if m:
+        return int(m.group(2)) == 1
+    m = _GROUPS_MESH_RE.search(attrs)
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        axes = re.findall(r"'([^']+)'", m.group(2))
+        return math.prod(int(sizes.get(a, 1)) for a in axes) == 1
+    m = _PAIRS_RE.search(attrs)
+    if m and m.group(1):
+        pairs = re.findall(r"\{(\d+),(\d+)\}", m.group(1))
+        return all(a == b for a, b in pairs)
+    return False
 
 
 # ----------------------------------------------------------------------------- call graph
