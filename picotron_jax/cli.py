@@ -1,12 +1,14 @@
-"""The `picotron-jax` command: train, bench, tokenizer.
+"""The `picotron-jax` command: train, bench, tokenizer, launch.
 
-Exit codes: 0 success, 2 user error (message on stderr, no traceback), 130 interrupted.
+Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
+multi-process run was lost, failed or hung, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+
+    p = sub.add_parser("launch", help="run N local processes as one multi-process run (coordinator on 127.0.0.1)",
+                       description="picotron-jax launch -n 2 --devices-per-process 4 -- train --config meshes/dp8.yaml")
+    p.add_argument("-n", "--num-processes", type=int, required=True, help="number of processes")
+    p.add_argument("--devices-per-process", type=int, default=0,
+                   help="virtual CPU devices per process (XLA_FLAGS=--xla_force_host_platform_device_count); "
+                        "0 keeps XLA_FLAGS as it is")
+    p.add_argument("--grace", type=float, default=None,
+                   help="seconds after the first failure before the launcher kills what still runs "
+                        "(default: distributed.heartbeat_timeout_s + 10)")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- train|bench ...",
+                   help="the command every process runs, with its options and overrides")
     return parser
 
 
@@ -45,20 +59,35 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
-def cmd_train(args) -> int:
-    from picotron_jax.trainer import train
+def _cluster(cfg):
+    """Join the other processes of a multi-process run (before any JAX device use); a no-op otherwise."""
+    from picotron_jax.distributed import initialize
 
+    return initialize(cfg.distributed)
+
+
+def cmd_train(args) -> int:
     cfg = _load(args)
     run_dir = Path(args.run_dir or cfg.logging.run_dir)
     cfg.logging.run_dir = str(run_dir)
-    summary = train(cfg, run_dir, resume=args.resume)
+    with _cluster(cfg) as cluster:
+        from picotron_jax.trainer import train
+
+        summary = train(cfg, run_dir, resume=args.resume, on_step=cluster.progress)
     return 130 if summary.stopped_early == "SIGINT" else 0
 
 
 def cmd_bench(args) -> int:
     from picotron_jax.bench import bench_peak, bench_step
 
-    result = bench_peak() if args.peak else bench_step(_load(args))
+    if args.peak:
+        result = bench_peak()
+    else:
+        cfg = _load(args)
+        with _cluster(cfg) as cluster:
+            result = bench_step(cfg)
+        if cluster.process_id != 0:  # one JSON result per run
+            return 0
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
@@ -76,7 +105,46 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer}
+def cmd_launch(args) -> int:
+    from picotron_jax.launch import launch
+
+    command = list(args.command_args)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command or command[0] not in ("train", "bench"):
+        raise UserError("launch needs the command every process runs, e.g. "
+                        "picotron-jax launch -n 2 --devices-per-process 4 -- train --config meshes/dp8.yaml")
+    child_args, extra = build_parser().parse_known_args(command)
+    cfg = _load_child_config(child_args, extra)
+    run_dir = Path(getattr(child_args, "run_dir", None) or cfg.logging.run_dir)
+    grace = args.grace if args.grace is not None else cfg.distributed.heartbeat_timeout_s + 10
+    return launch(args.num_processes, command, run_dir, args.devices_per_process, grace)
+
+
+def _load_child_config(args, extra: list[str]):
+    from picotron_jax.config import load_config
+
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        raise UserError(f"unrecognized arguments for {args.command}: {' '.join(unknown)}")
+    return load_config(args.config, list(args.overrides) + extra)
+
+
+COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch}
+
+
+def _in_multiprocess_run() -> bool:
+    return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
+def _exit_code(code: int) -> int:
+    """A failed process of a multi-process run leaves at once: waiting for the others at JAX's shutdown
+    barrier could take shutdown_timeout_s while they wait for it in a collective."""
+    if code != 0 and _in_multiprocess_run():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,13 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        return COMMANDS[args.command](args)
+        return _exit_code(COMMANDS[args.command](args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _exit_code(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _exit_code(130)
+    except Exception:
+        if _in_multiprocess_run():
+            import traceback
+
+            traceback.print_exc()
+            _exit_code(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class TrainConfig:
     zero_stage: int = 0  # 0 = plain DP, 1 = optimizer state sharded, 3 = parameters too (FSDP)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM)
     dtype: str = "float32"  # parameter and compute dtype
+    context_zigzag: bool = True  # mesh.context > 1: device i holds sequence chunks i and 2c-1-i (balanced causal work)
 
 
 @dataclass
@@ -109,6 +110,25 @@ class BenchConfig:
     warmup: int = 2
 
 
+CLUSTERS = ("auto", "off", "slurm", "ompi", "mpi4py", "k8s", "tpu")
+
+
+@dataclass
+class DistributedConfig:
+    """Several processes (hosts) through jax.distributed; see picotron_jax/distributed.py."""
+
+    # auto (SLURM or Open MPI with >1 task, Cloud TPU, or the fields below) | off | slurm | ompi | mpi4py | k8s | tpu
+    cluster: str = "auto"
+    coordinator: str = ""  # host:port of process 0; "" -> from the cluster
+    num_processes: int = 0  # 0 -> from the cluster
+    process_id: int = -1  # -1 -> from the cluster
+    local_device_ids: str = ""  # "0,1,2,3": accelerators of this process; "" -> JAX's choice
+    init_timeout_s: int = 300  # how long processes wait for each other at start-up
+    heartbeat_timeout_s: int = 60  # a process silent this long is declared lost; the others stop (exit 3)
+    step_timeout_s: int = 0  # no step (nor checkpoint save) finished for this long: stop (exit 3); 0 = off
+    shutdown_timeout_s: int = 60  # at the end, how long a process waits for the others to finish
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +139,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,6 +298,33 @@ def _need(cond: bool, message: str) -> None:
         raise UserError(message)
 
 
+def validate_distributed(d: DistributedConfig) -> None:
+    """Checks that need no devices: run before jax.distributed.initialize."""
+    _need(d.cluster in CLUSTERS,
+          f"config field 'distributed.cluster' = {d.cluster!r}: valid values are {', '.join(CLUSTERS)}")
+    if d.coordinator:
+        host, _, port = d.coordinator.rpartition(":")
+        _need(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+              f"config field 'distributed.coordinator' = {d.coordinator!r}: must be host:port of process 0, "
+              f"e.g. 10.0.0.1:1234")
+    _need(d.num_processes >= 0,
+          f"config field 'distributed.num_processes' = {d.num_processes}: must be >= 1 (or 0: from the cluster)")
+    _need(d.process_id >= -1,
+          f"config field 'distributed.process_id' = {d.process_id}: must be >= 0 (or -1: from the cluster)")
+    _need(d.num_processes == 0 or d.process_id < d.num_processes,
+          f"config field 'distributed.process_id' = {d.process_id}: must be below distributed.num_processes = "
+          f"{d.num_processes}")
+    ids = [x.strip() for x in d.local_device_ids.split(",")] if d.local_device_ids.strip() else []
+    _need(all(x.isdigit() for x in ids),
+          f"config field 'distributed.local_device_ids' = {d.local_device_ids!r}: must be comma-separated device "
+          f"numbers, e.g. 0,1,2,3 (or empty: JAX's choice)")
+    for name in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+        value = getattr(d, name)
+        _need(value >= 1, f"config field 'distributed.{name}' = {value}: must be >= 1 (seconds)")
+    _need(d.step_timeout_s >= 0, f"config field 'distributed.step_timeout_s' = {d.step_timeout_s}: must be >= 0 "
+                                 f"(seconds; 0 = off)")
+
+
 def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     """Check every cross-field constraint before any work; returns the resolved mesh sizes."""
     m, t, o = cfg.model, cfg.train, cfg.optimizer
@@ -311,13 +359,20 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(cfg.logging.every >= 1, f"config field 'logging.every' = {cfg.logging.every}: must be >= 1")
     _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")
     _need(cfg.bench.warmup >= 0, f"config field 'bench.warmup' = {cfg.bench.warmup}: must be >= 0")
+    validate_distributed(cfg.distributed)
 
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     _need(sizes["pipe"] == 1,
           f"config field 'mesh.pipe' = {sizes['pipe']}: pipeline parallelism is not available yet; use mesh.pipe=1")
-    _need(sizes["context"] == 1,
-          f"config field 'mesh.context' = {sizes['context']}: context parallelism is not available yet; "
-          f"use mesh.context=1")
+    cp = sizes["context"]
+    if cp > 1:
+        chunks = 2 * cp if t.context_zigzag else cp
+        layout = (f"2 x mesh.context = {chunks} (the zigzag layout cuts the sequence into 2 chunks per "
+                  f"context rank; train.context_zigzag=false needs only mesh.context)" if t.context_zigzag
+                  else f"mesh.context = {chunks}")
+        _need(t.seq_len % chunks == 0,
+              f"config field 'train.seq_len' = {t.seq_len}: must be divisible by {layout}; "
+              f"e.g. train.seq_len={max(chunks, t.seq_len // chunks * chunks)}")
     tp = sizes["tensor"]
     _need(m.num_heads % tp == 0,
           f"config field 'model.num_heads' = {m.num_heads}: must be divisible by mesh.tensor = {tp}")

@@ -1,17 +1,19 @@
 """The training loop: set up mesh, data and state, run jitted steps, log, and summarise.
 
-Ctrl-C (SIGINT) or SIGTERM stops cleanly after the current step; a second Ctrl-C aborts.
+Ctrl-C (SIGINT) or SIGTERM stops cleanly after the current step; a second Ctrl-C aborts. With several
+processes, a signal to any of them stops all of them after the same step (JAX's preemption sync point).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -67,19 +69,31 @@ def prepare_run(cfg: Config) -> Run:
 class StopFlag:
     requested: bool = False
     reason: str = ""
+    # several processes: a signal only asks; all stop at the step JAX's preemption sync agrees on
+    coordinated: bool = False
 
 
 @contextmanager
 def stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    """First SIGINT/SIGTERM: finish the current step, then stop. Second SIGINT: abort now."""
+    """First SIGINT/SIGTERM: finish the current step, then stop. Second SIGINT: abort now.
+
+    Coordinated (several processes): SIGTERM stays with JAX's preemption notifier, which tells every
+    process; Ctrl-C becomes a SIGTERM to this process. Processes stopping at different steps would leave
+    one of them waiting forever in a collective.
+    """
 
     def handler(signum, _frame):
-        if flag.requested and signum == signal.SIGINT:
+        if (flag.requested or flag.reason) and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag.requested, flag.reason = True, signal.Signals(signum).name
+        flag.reason = signal.Signals(signum).name
+        if flag.coordinated:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            flag.requested = True
 
+    signals = (signal.SIGINT,) if flag.coordinated else (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, handler) for s in signals}
     except ValueError:  # not the main thread: no signal handling
         yield
         return
@@ -103,10 +117,25 @@ class Summary:
     rows: list[dict] = field(default_factory=list)
 
 
-def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bool = False) -> Summary:
-    """Run (or with `resume`, continue from the newest checkpoint) up to `train.steps` steps."""
+def _reached_stop_point(step: int) -> bool:
+    """True on every process at the same step once any process got SIGTERM (a preemption notice)."""
+    from jax.experimental import multihost_utils
+
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service off: no coordinated stop
+        return False
+
+
+def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bool = False,
+          on_step: Callable[[int], None] | None = None) -> Summary:
+    """Run (or with `resume`, continue from the newest checkpoint) up to `train.steps` steps.
+
+    `on_step(step)` is called after every finished step (the multi-process watchdog's progress).
+    """
     console = console or Console(soft_wrap=True)
     is_main = jax.process_index() == 0
+    multiprocess = jax.process_count() > 1
     t_start = time.perf_counter()
     run = prepare_run(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +162,9 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
         state = init_train_state(cfg, run.setup)
     metrics_file = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
     summary = Summary()
-    flag = StopFlag()
+    flag = StopFlag(coordinated=multiprocess)
+    # gloo collectives of many in-flight steps can deadlock across CPU processes: one step at a time
+    sync_every_step = multiprocess and run.devices[0].platform == "cpu"
     total = cfg.train.steps
     start_step = int(state.step)
     progress = Progress(
@@ -150,6 +181,10 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                 batch = next(batches)
                 t0 = time.perf_counter()
                 state, metrics = run.train_step(state, batch)
+                if sync_every_step:
+                    jax.block_until_ready(metrics)
+                if flag.coordinated and _reached_stop_point(step):
+                    flag.requested, flag.reason = True, flag.reason or "SIGTERM"
                 if step == start_step:
                     jax.block_until_ready(metrics)
                     summary.compile_s = time.perf_counter() - t0
@@ -184,6 +219,8 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                 summary.steps = step + 1
                 if ckpt.should_save(step + 1, last):
                     ckpt.save(state, cfg, {"tokens_seen": (step + 1) * tokens_per_step, "mesh": describe(run.mesh)})
+                if on_step is not None:
+                    on_step(step + 1)
                 if flag.requested:
                     summary.stopped_early = flag.reason
                     break
