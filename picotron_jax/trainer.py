@@ -53,7 +53,7 @@ def prepare_run(cfg: Config) -> Run:
     devices = run_devices(cfg.mesh)
     validate(cfg, len(devices))
     mesh = build_mesh(cfg.mesh, devices)
-    rules = MeshRules(mesh, cfg.train.zero_stage)
+    rules = MeshRules.from_config(mesh, cfg)
     dataset = TokenDataset.build(cfg.data, cfg.train.seq_len, cfg.train.seed)
     if dataset.vocab_size > cfg.model.vocab_size:
         raise UserError(

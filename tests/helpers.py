@@ -27,7 +27,7 @@ def preset(name: str, *overrides: str) -> Config:
 def setup(cfg: Config) -> tuple[MeshRules, StateSetup]:
     devices = run_devices(cfg.mesh)
     validate(cfg, len(devices))
-    rules = MeshRules(build_mesh(cfg.mesh, devices), cfg.train.zero_stage)
+    rules = MeshRules.from_config(build_mesh(cfg.mesh, devices), cfg)
     return rules, setup_state(cfg, rules)
 
 

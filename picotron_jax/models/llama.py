@@ -30,6 +30,10 @@ class ParallelOps(Protocol):
 
     def embed(self, table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array: ...
 
+    def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
+        """Causal attention over the whole sequence (a ring over `context` when it is split)."""
+        ...
+
 
 class LocalOps:
     def constrain(self, x, axes):
@@ -37,6 +41,9 @@ class LocalOps:
 
     def embed(self, table_VD, tokens_BT):
         return jnp.take(table_VD, tokens_BT, axis=0)
+
+    def attention(self, q_BTHK, k_BTGK, v_BTGK):
+        return causal_attention(q_BTHK, k_BTGK, v_BTGK)
 
 
 LOCAL_OPS = LocalOps()
@@ -72,7 +79,7 @@ def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, o
     q_BTHK = ops.constrain(apply_rotary(q_BTHK, cos_TK, sin_TK), ("batch", "seq", "heads", "head_dim"))
     k_BTGK = ops.constrain(apply_rotary(k_BTGK, cos_TK, sin_TK), ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
-    o_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK)
+    o_BTHK = ops.attention(q_BTHK, k_BTGK, v_BTGK)
     x_BTD = x_BTD + project("bthk,hkd->btd", o_BTHK, p["wo"])
     x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
@@ -118,13 +125,17 @@ class Llama(nnx.Module):
         return self.cfg.tie_embeddings
 
     def hidden_states(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS,
-                      compute_dtype=jnp.float32) -> jax.Array:
-        """tokens [B, T] -> final-normed hidden states [B, T, D] (the LM head is applied by the loss)."""
+                      compute_dtype=jnp.float32, positions_T: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] -> final-normed hidden states [B, T, D] (the LM head is applied by the loss).
+
+        `positions_T`: the position of each column (default arange(T)); context parallelism passes
+        its zigzag order (parallel/context.py), in which the tokens are then laid out."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
         x_BTD = ops.embed(self.embed[...].astype(compute_dtype), tokens_BT)
         x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
-        cos_TK, sin_TK = rotary_tables(jnp.arange(T), cfg.resolved_head_dim, cfg.rope_theta)
+        positions_T = jnp.arange(T) if positions_T is None else positions_T
+        cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
         stacked = {name: v[...].astype(compute_dtype) for name, v in self.layers.items()}
 
         def step(x, layer_params):

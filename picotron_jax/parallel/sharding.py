@@ -59,10 +59,18 @@ def logical_to_spec(
 
 @dataclass(frozen=True)
 class MeshRules:
-    """The mesh plus the ZeRO stage: the one place that turns logical axes into shardings."""
+    """The mesh plus the ZeRO stage: the one place that turns logical axes into shardings.
+
+    `context_zigzag`: with context > 1, the sequence is in the load-balanced zigzag layout of
+    `parallel/context.py` (train.context_zigzag; train/step.py lays the batch out to match)."""
 
     mesh: Mesh
     zero_stage: int = 0
+    context_zigzag: bool = True
+
+    @classmethod
+    def from_config(cls, mesh: Mesh, cfg) -> "MeshRules":
+        return cls(mesh, cfg.train.zero_stage, cfg.train.context_zigzag)
 
     def named(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
@@ -110,6 +118,18 @@ class MeshRules:
         from picotron_jax.parallel.vocab import vocab_parallel_embed
 
         return vocab_parallel_embed(self, table_VD, tokens_BT)
+
+    def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
+        """Causal attention; with the sequence split over `context`, ring attention."""
+        from picotron_jax.parallel.context import context_attention
+
+        return context_attention(self, q_BTHK, k_BTGK, v_BTGK)
+
+    def sequence_order(self, seq_len: int):
+        """Natural position of each sequence column in this layout (numpy; arange unless zigzag)."""
+        from picotron_jax.parallel.context import sequence_order
+
+        return sequence_order(seq_len, self.mesh.shape["context"], self.context_zigzag)
 
 
 def _map_axes(fn, logical_axes: Any, shapes: Any) -> Any:

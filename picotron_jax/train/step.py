@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -32,7 +33,8 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any) -> Callable[[An
 
     def loss_sums(params, batch):
         model = nnx.merge(graphdef, nnx.State(params))
-        h_BTD = model.hidden_states(batch["inputs"], rules, compute_dtype)
+        batch, positions_T = to_sequence_layout(batch, rules)
+        h_BTD = model.hidden_states(batch["inputs"], rules, compute_dtype, positions_T)
         head = model.head_weight().astype(compute_dtype)
         nll, z = vocab_parallel_cross_entropy(
             rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
@@ -40,6 +42,24 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any) -> Callable[[An
         return nll + z_coef * z, (nll, z)
 
     return loss_sums
+
+
+def to_sequence_layout(batch: Batch, rules: MeshRules) -> tuple[Batch, jax.Array | None]:
+    """Reorder the sequence columns into the context layout (zigzag, parallel/context.py) and
+    return the rotary positions to match; the identity (positions None) otherwise.
+
+    Batches keep their natural order everywhere outside the step (loader, tests, bench), so no
+    caller needs to know the layout. The loss is a masked sum over tokens: the order does not
+    change it. The reorder moves only the int32/float32 [B, T] token arrays (see README)."""
+    T = batch["inputs"].shape[-1]
+    order = rules.sequence_order(T)
+    if np.array_equal(order, np.arange(T)):
+        return batch, None
+
+    def reorder(x_BT):
+        return rules.constrain(jnp.take(x_BT, order, axis=-1), ("batch", "seq"))
+
+    return jax.tree.map(reorder, batch), jnp.asarray(order, jnp.int32)
 
 
 def split_microbatches(batch: Batch, m: int, rules: MeshRules) -> Batch:
