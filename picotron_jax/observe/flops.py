@@ -52,7 +52,7 @@ def _cpu_key() -> str:
     return f"{platform.processor() or platform.machine()}|{os.cpu_count()}|jax{jax.__version__}"
 
 
-def measure_matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 3) -> dict:
+def measure_matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
     """FLOP/s of a jitted f32 `a @ b` on the default device, best of `repeats`, for each size.
 
     The peak used for MFU is the largest size's figure ("a large f32 matmul", DESIGN.md)."""
