@@ -32,7 +32,6 @@ class ParallelOps(Protocol):
 
     def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
         """Causal attention over the whole sequence (a ring over `context` when it is split)."""
-        ...
 
 
 class LocalOps:
