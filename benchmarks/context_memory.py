@@ -4,7 +4,7 @@ import os, sys, json, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, "tests")
-import jax, jax.numpy as jnp, numpy as np
+import jax.numpy as jnp, numpy as np
 from helpers import preset, setup, synthetic_batch
 from picotron_jax.train.state import init_train_state
 from picotron_jax.train.step import build_train_step
