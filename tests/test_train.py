@@ -10,6 +10,11 @@ import yaml
 from helpers import MESHES
 from picotron_jax.cli import main
 
+def logged_losses(run) -> dict[int, float]:
+    """step -> loss from a run directory's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
 SHORT = ["train.steps=40", "train.seq_len=64", "logging.every=10", "optimizer.warmup_steps=5"]
 
 
@@ -53,10 +58,7 @@ def test_resume_gives_the_same_losses_as_never_stopping(tmp_path):
     assert (split / "checkpoints" / "3").is_dir()
     assert main(["train", "--run-dir", str(split), "--resume", "train.steps=6", *common]) == 0
 
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-    a, b = losses(straight), losses(split)
+    a, b = logged_losses(straight), logged_losses(split)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bitwise: same mesh, same batches
 
@@ -78,8 +80,5 @@ def test_resume_onto_another_mesh_continues_within_tolerance(tmp_path):
     assert main(["train", "--config", str(MESHES / "tp2-dp4.yaml"), "--run-dir", str(moved), "--resume",
                  "train.steps=5", *common]) == 0
 
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-    a, b = losses(straight), losses(moved)
+    a, b = logged_losses(straight), logged_losses(moved)
     np.testing.assert_allclose([b[4], b[5]], [a[4], a[5]], rtol=1e-5)
