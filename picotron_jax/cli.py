@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _add_config_args(p)
     p.add_argument("--run-dir", help="where config.yaml and metrics.jsonl go (default: logging.run_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
+    p.add_argument("--resume-from", metavar="PATH",
+                   help="continue from a checkpoint folder (its newest good step) or one step's folder (DIR/<step>)")
+    p.add_argument("--from", dest="init_from", nargs=2, metavar=("hf", "PATH"),
+                   help="start from a Hugging Face Llama folder (config.json + model.safetensors)")
 
     p = sub.add_parser("bench", help="time the train step: tokens/s, MFU, memory, collectives (JSON)")
     _add_config_args(p)
@@ -73,8 +77,18 @@ def cmd_train(args) -> int:
     with _cluster(cfg) as cluster:
         from picotron_jax.trainer import train
 
-        summary = train(cfg, run_dir, resume=args.resume, on_step=cluster.progress)
+        summary = train(cfg, run_dir, resume=args.resume, on_step=cluster.progress, resume_from=args.resume_from,
+                        init_from_hf=_hf_source(args, cfg))
     return 130 if summary.stopped_early == "SIGINT" else 0
+
+
+def _hf_source(args, cfg) -> str | None:
+    """`--from hf PATH`: the model section comes from the folder's config.json (checkpoint/hf.py)."""
+    if args.init_from is None:
+        return None
+    from picotron_jax.checkpoint.hf import apply_hf_model_config
+
+    return apply_hf_model_config(args.init_from, cfg)
 
 
 def cmd_bench(args) -> int:

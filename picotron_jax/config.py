@@ -65,6 +65,7 @@ class TrainConfig:
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM)
     dtype: str = "float32"  # parameter and compute dtype
     context_zigzag: bool = True  # mesh.context > 1: device i holds sequence chunks i and 2c-1-i (balanced causal work)
+    stop_at_step: int = 0  # save and exit cleanly after this step (a time-limited job); 0 = off
 
 
 @dataclass
@@ -93,6 +94,9 @@ class CheckpointConfig:
     dir: str = ""  # "" -> RUN_DIR/checkpoints
     every: int = 0  # steps between saves (and one at the end); 0 = never
     keep: int = 3  # newest checkpoints kept; 0 = all
+    keep_every: int = 0  # steps: checkpoints at multiples of this are kept for good; 0 = none
+    async_save: bool = True  # write in a background thread while training continues
+    compression_level: int = 3  # zstd level of array chunks (1-22); 0 = uncompressed
 
 
 @dataclass
@@ -355,6 +359,13 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(o.grad_clip >= 0, f"config field 'optimizer.grad_clip' = {o.grad_clip}: must be >= 0 (0 disables)")
     _need(cfg.checkpoint.every >= 0, f"config field 'checkpoint.every' = {cfg.checkpoint.every}: must be >= 0")
     _need(cfg.checkpoint.keep >= 0, f"config field 'checkpoint.keep' = {cfg.checkpoint.keep}: must be >= 0 (0 = all)")
+    c = cfg.checkpoint
+    _need(c.keep_every >= 0 and (c.keep_every == 0 or c.every == 0 or c.keep_every % c.every == 0),
+          f"config field 'checkpoint.keep_every' = {c.keep_every}: must be 0 (none) or a multiple of "
+          f"checkpoint.every = {c.every}")
+    _need(0 <= c.compression_level <= 22, f"config field 'checkpoint.compression_level' = {c.compression_level}: "
+                                          f"must be a zstd level 1-22, or 0 (uncompressed)")
+    _need(t.stop_at_step >= 0, f"config field 'train.stop_at_step' = {t.stop_at_step}: must be >= 0 (0 = off)")
     _need(cfg.logging.every >= 1, f"config field 'logging.every' = {cfg.logging.every}: must be >= 1")
     _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")
     _need(cfg.bench.warmup >= 0, f"config field 'bench.warmup' = {cfg.bench.warmup}: must be >= 0")

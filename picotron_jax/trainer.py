@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from picotron_jax.checkpoint import Checkpointer
+from picotron_jax.checkpoint import Checkpointer, default_location, restore_train_state
 from picotron_jax.config import Config, save_config, validate
 from picotron_jax.data import TokenDataset, global_batch, prefetch
 from picotron_jax.errors import UserError
@@ -128,8 +128,12 @@ def _reached_stop_point(step: int) -> bool:
 
 
 def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bool = False,
-          on_step: Callable[[int], None] | None = None) -> Summary:
-    """Run (or with `resume`, continue from the newest checkpoint) up to `train.steps` steps.
+          on_step: Callable[[int], None] | None = None, resume_from: str | None = None,
+          init_from_hf: str | None = None) -> Summary:
+    """Run (or with `resume`, continue from the newest good checkpoint) up to `train.steps` steps.
+
+    `resume_from`: a checkpoint folder (newest good step) or one step's folder; `init_from_hf`: a
+    Hugging Face Llama folder whose weights start the run (checkpoint/hf.py).
 
     `on_step(step)` is called after every finished step (the multi-process watchdog's progress).
     """
@@ -153,11 +157,17 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
             f"({peak_source})"
         )
 
-    ckpt = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg)
-    if resume:
-        state: TrainState = ckpt.restore(run.setup.abstract, run.setup.shardings)
-        if is_main:
-            console.print(f"resumed from {ckpt.directory / str(int(state.step))} at step {int(state.step)}")
+    say = console.print if is_main else (lambda _message: None)
+    ckpt = Checkpointer(default_location(cfg, run_dir), cfg, say=say, log_path=run_dir / "checkpoints.jsonl")
+    if resume or resume_from:
+        state, _, where = restore_train_state(resume_from or default_location(cfg, run_dir), run.setup.abstract,
+                                              run.setup.shardings, cfg, say, None if resume_from else ckpt.store)
+        say(f"resumed from {where} at step {int(state.step)}")
+    elif init_from_hf:
+        from picotron_jax.checkpoint.hf import train_state_from_hf
+
+        state = train_state_from_hf(init_from_hf, cfg, run.setup)
+        say(f"initialised from the Hugging Face model in {init_from_hf}")
     else:
         state = init_train_state(cfg, run.setup)
     metrics_file = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
@@ -167,6 +177,8 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
     sync_every_step = multiprocess and run.devices[0].platform == "cpu"
     total = cfg.train.steps
     start_step = int(state.step)
+    # train.stop_at_step: stop early as if time ran out; the schedule still spans train.steps
+    end = min(total, cfg.train.stop_at_step) if cfg.train.stop_at_step else total
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), console=console, disable=not (is_main and cfg.logging.progress and console.is_terminal),
@@ -177,7 +189,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
         with stop_on_signals(flag), progress:
             task = progress.add_task("training", total=total, completed=start_step)
             t_window, window_steps = time.perf_counter(), 0
-            for step in range(start_step, total):
+            for step in range(start_step, end):
                 batch = next(batches)
                 t0 = time.perf_counter()
                 state, metrics = run.train_step(state, batch)
@@ -192,7 +204,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                 else:
                     window_steps += 1
                 progress.advance(task)
-                last = step + 1 == total or flag.requested
+                last = step + 1 == end or flag.requested
                 if (step + 1) % cfg.logging.every == 0 or last or step == start_step:
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t_window
@@ -217,13 +229,19 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                         progress.console.print(format_log_line(row, total))
                     t_window, window_steps = time.perf_counter(), 0
                 summary.steps = step + 1
-                if ckpt.should_save(step + 1, last):
-                    ckpt.save(state, cfg, {"tokens_seen": (step + 1) * tokens_per_step, "mesh": describe(run.mesh)})
+                if ckpt.should_save(step + 1, last, force=step + 1 == end < total):
+                    blocked = ckpt.save(state, {"tokens_seen": (step + 1) * tokens_per_step,
+                                                "mesh": describe(run.mesh)})
+                    if blocked is not None and is_main:
+                        progress.console.print(f"checkpoint {step + 1}: training blocked {blocked:.3f}s "
+                                               f"({'async' if cfg.checkpoint.async_save else 'sync'} save)")
                 if on_step is not None:
                     on_step(step + 1)
                 if flag.requested:
                     summary.stopped_early = flag.reason
                     break
+            if end < total and summary.steps == end and not summary.stopped_early:
+                summary.stopped_early = "train.stop_at_step"
     finally:
         batches.close()
         metrics_file.close()

@@ -1,77 +1,139 @@
-"""Save and restore the full train state with Orbax's CheckpointManager.
+"""Save the full train state with Orbax's CheckpointManager: async, zstd-compressed, atomic, pruned.
 
-Layout on disk: CKPT_DIR/<step>/state (an Orbax PyTree checkpoint of {step, params, opt_state})
-and CKPT_DIR/<step>/meta (JSON: step, tokens seen, mesh, resolved config). Orbax writes into a
-temporary folder and renames it when complete, so a half-written step is never picked up.
-The data position needs no saving: batch i is a pure function of (seed, corpus, i).
+Layout on disk (readable with `orbax.checkpoint` alone):
 
-Restoring passes the target shardings of the *current* mesh, so a checkpoint saved on one
-layout loads onto another (Orbax/TensorStore reads each device's slice).
+    CKPT_DIR/<step>/state   Orbax PyTree (OCDBT + zarr3) of every TrainState field: step, params,
+                            opt_state, and whatever fields the state grows (loss scale, RNG keys)
+    CKPT_DIR/<step>/meta    JSON (metadata.py): step, tokens seen, data position, mesh, git revision,
+                            package versions, raw bytes, compression, array fingerprints, resolved config
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every file is written, so
+a half-written step is never listed; leftovers of a killed save are removed when the next run opens
+the folder. Old steps are deleted only after a newer one is complete. With `checkpoint.async_save`
+the loop is blocked only while the arrays are copied to host memory; the write runs in a background
+thread, and the next save (or the end of the run) waits for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
+from picotron_jax.checkpoint import metadata as meta_lib
+from picotron_jax.checkpoint.compression import use_zstd_level
+from picotron_jax.checkpoint.integrity import fingerprints
+from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
-from picotron_jax.errors import UserError
-from picotron_jax.train.state import TrainState
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
-def _as_tree(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+def state_tree(state: Any) -> dict[str, Any]:
+    """Any TrainState (a flax.struct dataclass) as {field: subtree}: saves fields added later too."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def item_handlers(compression_level: int) -> dict[str, Any]:
+    use_zstd_level(compression_level)
+    return {
+        "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=compression_level > 0),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
+def preservation_policy(keep: int, keep_every: int):
+    """The newest `keep` checkpoints (0 = all) plus every step divisible by `keep_every`, forever."""
+    kept = [policies.LatestN(keep if keep > 0 else None)]
+    if keep_every > 0:
+        kept.append(policies.EveryNSteps(keep_every))
+    return policies.AnyPreservationPolicy(kept)
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, cfg: Config):
-        self.directory = Path(directory).absolute()
+    """The run's checkpoint folder: `save` from the training loop, `close` at the end."""
+
+    def __init__(self, directory: str | Path, cfg: Config, say: Callable[[str], None] = print,
+                 log_path: Path | None = None):
+        self.cfg = cfg
         self.every = cfg.checkpoint.every
+        self.store: CheckpointStore = open_store(str(directory), cfg.checkpoint.keep, cfg.checkpoint.keep_every)
+        self.directory = self.store.local_root
+        self._say = say
+        self._log_path = log_path
+        self._pending: list[dict] = []  # saves whose background write may still run
+        for leftover in self.store.unfinished():
+            say(f"checkpoint: removing {leftover} (a save that never completed)")
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.checkpoint.keep or None,
-                enable_async_checkpointing=False,
+                preservation_policy=preservation_policy(cfg.checkpoint.keep, cfg.checkpoint.keep_every),
+                enable_async_checkpointing=cfg.checkpoint.async_save,
+                cleanup_tmp_directories=True,
                 create=True,
             ),
+            item_handlers=item_handlers(cfg.checkpoint.compression_level),
         )
 
-    def should_save(self, step: int, last: bool) -> bool:
-        return self.every > 0 and (step % self.every == 0 or last)
+    def should_save(self, step: int, last: bool, force: bool = False) -> bool:
+        """Every `checkpoint.every` steps and at the end; `force`: stopping at train.stop_at_step."""
+        return force or (self.every > 0 and (step % self.every == 0 or last))
 
-    def save(self, state: TrainState, cfg: Config, extra_meta: dict) -> None:
+    def save(self, state: Any, extra_meta: dict) -> float | None:
+        """Start saving `state`; returns the seconds the caller was blocked (None: step already saved)."""
         step = int(state.step)
         if step in self._manager.all_steps():
+            return None
+        t0 = time.perf_counter()
+        self._finish_pending()  # Orbax waits for the previous write anyway: account for it here
+        waited = time.perf_counter() - t0
+        tree = state_tree(state)
+        meta = meta_lib.build(step, self.cfg, tree, fingerprints(tree), extra_meta)
+        use_zstd_level(self.cfg.checkpoint.compression_level)
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree),
+                                                         meta=ocp.args.JsonSave(meta)))
+        if not self.cfg.checkpoint.async_save:
+            self._manager.wait_until_finished()
+        blocked = time.perf_counter() - t0
+        event = {"step": step, "async": self.cfg.checkpoint.async_save, "blocked_s": round(blocked, 4),
+                 "waited_for_previous_s": round(waited, 4), "raw_bytes": meta["raw_bytes"], "t_start": t0}
+        self._pending.append(event)
+        if not self.cfg.checkpoint.async_save:
+            self._finish_pending()
+        return blocked
+
+    def _finish_pending(self) -> None:
+        """Wait for background writes, then report each finished step's size (and upload it, for s3://)."""
+        if not self._pending:
             return
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_as_tree(state)),
-                meta=ocp.args.JsonSave({"step": step, **extra_meta, "config": cfg.to_dict()}),
-            ),
-        )
         self._manager.wait_until_finished()
+        done = time.perf_counter()
+        for event in self._pending:
+            step = event.pop("t_start")
+            event["written_s"] = round(done - step, 4)  # upper bound for async saves (waited on late)
+            self.store.publish(event["step"], self._manager.all_steps())
+            on_disk = self.store.bytes_on_disk(event["step"])
+            event["bytes_on_disk"] = on_disk
+            ratio = f", {on_disk / event['raw_bytes']:.2f} of raw" if on_disk and event["raw_bytes"] else ""
+            self._say(f"checkpoint {event['step']} complete: {meta_lib.human_bytes(on_disk)} on disk"
+                      f"{ratio} ({self.store.describe(event['step'])})")
+            if self._log_path is not None and jax.process_index() == 0:
+                with open(self._log_path, "a") as f:
+                    f.write(json.dumps(event) + "\n")
+        self._pending.clear()
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def restore(self, abstract: TrainState, shardings: TrainState, step: int | None = None) -> TrainState:
-        """Load `step` (default: newest) laid out by `shardings` (the current mesh's)."""
-        step = self._manager.latest_step() if step is None else step
-        if step is None:
-            raise UserError(
-                f"--resume: no checkpoint in {self.directory}; start without --resume or point checkpoint.dir at a "
-                f"folder that holds one"
-            )
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _as_tree(abstract), _as_tree(shardings)
-        )
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        tree = restored["state"]
-        return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the last write (nothing is lost on a clean exit), then release Orbax's threads."""
+        try:
+            self._finish_pending()
+        finally:
+            self._manager.close()

@@ -1,0 +1,115 @@
+"""Restore a train state onto the current mesh, falling back past unreadable checkpoints.
+
+Restoring passes the *current* mesh's shardings as targets, so a checkpoint saved on one layout
+loads onto another: TensorStore reads each device's slice of each array. After the read, every
+array's fingerprint is compared with the one saved (integrity.py), so truncated files, damaged
+chunks and half-deleted folders are all caught; `--resume` then says so in one line and tries the
+next older step. A checkpoint named explicitly (`--resume-from PATH/<step>`) gets no fallback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+
+from picotron_jax.checkpoint.integrity import fingerprints, mismatched
+from picotron_jax.checkpoint.manager import state_tree
+from picotron_jax.checkpoint.metadata import model_differences
+from picotron_jax.checkpoint.storage import CheckpointStore, open_store
+from picotron_jax.config import Config
+from picotron_jax.errors import UserError
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint whose files are missing, truncated or damaged."""
+
+
+def split_location(path: str) -> tuple[str, int | None]:
+    """'run/checkpoints/6' -> ('run/checkpoints', 6); 'run/checkpoints' -> ('run/checkpoints', None)."""
+    trimmed = path.rstrip("/")
+    parent, _, name = trimmed.rpartition("/")
+    if name.isdigit() and parent:
+        return parent, int(name)
+    return trimmed, None
+
+
+def read_meta(step_dir: Any) -> dict:
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+        raise UnreadableCheckpoint(f"its metadata cannot be read ({_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _target(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state_tree(abstract), state_tree(shardings))
+
+
+def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> tuple[Any, dict]:
+    """One checkpoint folder -> (TrainState laid out by `shardings`, its metadata)."""
+    meta = read_meta(step_dir)
+    differences = model_differences(meta, cfg)
+    if differences:
+        raise UserError(f"checkpoint {step_dir} was saved with another model: {'; '.join(differences)}. Resume "
+                        f"with the checkpoint's model settings, or start a new run without --resume")
+    target = _target(abstract, shardings)
+    saved_fields = set(meta.get("fields", target))
+    if saved_fields != set(target):
+        raise UserError(f"checkpoint {step_dir} holds train-state fields {sorted(saved_fields)} but this run's "
+                        f"state has {sorted(target)}; it was written by a different train state")
+    try:
+        tree = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+        )
+    except Exception as exc:  # noqa: BLE001 - TensorStore/Orbax raise many types for damaged files
+        raise UnreadableCheckpoint(f"its arrays cannot be read ({_short(exc)})") from None
+    bad = mismatched(meta.get("fingerprints", {}), fingerprints(tree))
+    if bad:
+        raise UnreadableCheckpoint(f"{len(bad)} array(s) differ from what was saved ({', '.join(bad[:3])})")
+    return type(abstract)(**tree), meta
+
+
+def restore_train_state(location: str, abstract: Any, shardings: Any, cfg: Config,
+                        say: Callable[[str], None] = print,
+                        store: CheckpointStore | None = None) -> tuple[Any, dict, str]:
+    """Newest readable checkpoint under `location` (a checkpoint folder), or exactly `location/<step>`.
+
+    Returns (train state, its metadata, where it was read from)."""
+    root, step = split_location(location)
+    if store is None:
+        store = open_store(root, cfg.checkpoint.keep, cfg.checkpoint.keep_every)
+    steps = store.steps()
+    if step is not None:
+        if step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise UserError(f"no checkpoint at step {step} in {root} (steps there: {have})")
+        try:
+            return (*restore_step(store.fetch(step), abstract, shardings, cfg), store.describe(step))
+        except UnreadableCheckpoint as exc:
+            raise UserError(f"checkpoint {store.describe(step)} is unusable: {exc}") from None
+    if not steps:
+        raise UserError(f"no checkpoint in {root}; start without --resume, or point checkpoint.dir / --resume-from "
+                        f"at a folder that holds one")
+    failures = []
+    for candidate in reversed(steps):
+        try:
+            return (*restore_step(store.fetch(candidate), abstract, shardings, cfg), store.describe(candidate))
+        except UnreadableCheckpoint as exc:
+            failures.append(f"step {candidate}: {exc}")
+            older = [s for s in steps if s < candidate]
+            nxt = f"falling back to step {older[-1]}" if older else "no older checkpoint"
+            say(f"checkpoint {store.describe(candidate)} is unusable, {exc}; {nxt}")
+    raise UserError(f"no usable checkpoint in {root}: " + "; ".join(failures))
+
+
+def default_location(cfg: Config, run_dir: Path) -> str:
+    return cfg.checkpoint.dir or str(run_dir / "checkpoints")
