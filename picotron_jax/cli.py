@@ -1,4 +1,4 @@
-"""The `picotron-jax` command: train, bench, tokenizer, launch.
+"""The `picotron-jax` command: train, bench, tokenizer, launch, ckpt, export.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
 multi-process run was lost, failed or hung, 130 interrupted.
@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from picotron_jax.checkpoint import commands as checkpoint_commands
 from picotron_jax.errors import UserError
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: distributed.heartbeat_timeout_s + 10)")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- train|bench ...",
                    help="the command every process runs, with its options and overrides")
+    checkpoint_commands.add_parsers(sub)
     return parser
 
 
@@ -145,6 +147,7 @@ def _load_child_config(args, extra: list[str]):
 
 
 COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch}
+COMMANDS.update(checkpoint_commands.COMMANDS)
 
 
 def _in_multiprocess_run() -> bool:

@@ -20,7 +20,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from picotron_jax.checkpoint import Checkpointer, default_location, restore_train_state
+from picotron_jax.checkpoint.manager import Checkpointer
+from picotron_jax.checkpoint.restore import default_location, restore_train_state
 from picotron_jax.config import Config, save_config, validate
 from picotron_jax.data import TokenDataset, global_batch, prefetch
 from picotron_jax.errors import UserError
@@ -159,6 +160,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
 
     say = console.print if is_main else (lambda _message: None)
     ckpt = Checkpointer(default_location(cfg, run_dir), cfg, say=say, log_path=run_dir / "checkpoints.jsonl")
+    state: TrainState
     if resume or resume_from:
         state, _, where = restore_train_state(resume_from or default_location(cfg, run_dir), run.setup.abstract,
                                               run.setup.shardings, cfg, say, None if resume_from else ckpt.store)

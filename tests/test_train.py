@@ -1,19 +1,15 @@
-"""End to end: the CLI trains on the embedded corpus, writes its run directory, and benchmarks."""
+"""End to end: the CLI trains on the embedded corpus, writes its run directory, and benchmarks.
+
+Resume and checkpoint tests live in test_checkpoint*.py."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import yaml
 
 from helpers import MESHES
 from picotron_jax.cli import main
-
-def logged_losses(run) -> dict[int, float]:
-    """step -> loss from a run directory's metrics.jsonl."""
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
 
 SHORT = ["train.steps=40", "train.seq_len=64", "logging.every=10", "optimizer.warmup_steps=5"]
 
@@ -47,38 +43,3 @@ def test_bench_writes_the_promised_json(tmp_path, capsys):
     assert {"argument_bytes", "output_bytes", "temp_bytes"} <= set(result["memory"])
     # data parallel over 4 devices: the gradients are all-reduced every step
     assert result["collective_bytes"]["all-reduce"] > 0
-
-
-def test_resume_gives_the_same_losses_as_never_stopping(tmp_path):
-    common = ["--config", str(MESHES / "tp2-dp4.yaml"), "train.seq_len=32", "logging.every=1",
-              "optimizer.warmup_steps=2", "optimizer.decay_steps=4", "checkpoint.every=3"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["train", "--run-dir", str(straight), "train.steps=6", *common]) == 0
-    assert main(["train", "--run-dir", str(split), "train.steps=3", *common]) == 0
-    assert (split / "checkpoints" / "3").is_dir()
-    assert main(["train", "--run-dir", str(split), "--resume", "train.steps=6", *common]) == 0
-
-    a, b = logged_losses(straight), logged_losses(split)
-    assert sorted(b) == [1, 2, 3, 4, 5, 6]
-    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bitwise: same mesh, same batches
-
-
-def test_resume_without_checkpoint_is_a_user_error(tmp_path, capsys):
-    code = main(["train", "--config", str(MESHES / "single.yaml"), "--run-dir", str(tmp_path), "--resume"])
-    assert code == 2 and "no checkpoint" in capsys.readouterr().err
-
-
-def test_resume_onto_another_mesh_continues_within_tolerance(tmp_path):
-    """Saved on data=8, restored on data=4 x tensor=2 (arrays resharded through target shardings)."""
-    common = ["train.seq_len=32", "logging.every=1", "optimizer.warmup_steps=2", "optimizer.decay_steps=4",
-              "checkpoint.every=3"]
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
-    assert main(["train", "--config", str(MESHES / "dp8.yaml"), "--run-dir", str(straight), "train.steps=5",
-                 *common]) == 0
-    assert main(["train", "--config", str(MESHES / "dp8.yaml"), "--run-dir", str(moved), "train.steps=3",
-                 *common]) == 0
-    assert main(["train", "--config", str(MESHES / "tp2-dp4.yaml"), "--run-dir", str(moved), "--resume",
-                 "train.steps=5", *common]) == 0
-
-    a, b = logged_losses(straight), logged_losses(moved)
-    np.testing.assert_allclose([b[4], b[5]], [a[4], a[5]], rtol=1e-5)

@@ -4,8 +4,3 @@ manager.py saves (async, zstd, atomic, pruned), restore.py restores with fallbac
 local / gs:// / s3://, metadata.py and integrity.py describe and verify a checkpoint, inspect.py
 lists them, hf.py converts to and from Hugging Face Llama folders.
 """
-
-from picotron_jax.checkpoint.manager import Checkpointer
-from picotron_jax.checkpoint.restore import default_location, restore_train_state
-
-__all__ = ["Checkpointer", "default_location", "restore_train_state"]

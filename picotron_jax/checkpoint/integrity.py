@@ -47,3 +47,13 @@ def fingerprints(tree: Any) -> dict[str, int]:
 def mismatched(saved: dict[str, int], restored: dict[str, int]) -> list[str]:
     """Names of arrays whose restored fingerprint differs from the saved one."""
     return [name for name, value in saved.items() if restored.get(name, value) != value]
+
+
+def host_fingerprint(x: np.ndarray) -> int:
+    """`_leaf_fingerprint` of a host array (for the inspector, which restores without a mesh)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint32)
+    else:
+        bits = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize])
+    return int(np.sum(bits.astype(np.uint32), dtype=np.uint32))

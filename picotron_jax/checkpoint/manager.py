@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -68,8 +69,10 @@ class Checkpointer:
         self._say = say
         self._log_path = log_path
         self._pending: list[dict] = []  # saves whose background write may still run
-        for leftover in self.store.unfinished():
-            say(f"checkpoint: removing {leftover} (a save that never completed)")
+        if jax.process_index() == 0:
+            for leftover in self.store.unfinished():
+                say(f"checkpoint: removing {leftover} (a save that never completed)")
+                shutil.rmtree(leftover, ignore_errors=True)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

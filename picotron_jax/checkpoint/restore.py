@@ -31,6 +31,9 @@ def split_location(path: str) -> tuple[str, int | None]:
     """'run/checkpoints/6' -> ('run/checkpoints', 6); 'run/checkpoints' -> ('run/checkpoints', None)."""
     trimmed = path.rstrip("/")
     parent, _, name = trimmed.rpartition("/")
+    local = Path(trimmed) if "://" not in trimmed else None
+    if local is not None and local.is_dir() and not (local / "state").is_dir():
+        return trimmed, None  # a checkpoint folder (even one whose own name is a number)
     if name.isdigit() and parent:
         return parent, int(name)
     return trimmed, None

@@ -1,0 +1,116 @@
+"""`picotron-jax ckpt ls|info PATH`: what a checkpoint folder holds, and whether each step is usable.
+
+`ls` reads only the small metadata of every step (cheap, also on remote stores); `info` reads one
+step's arrays to host memory and checks their fingerprints, so it proves the step restores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from picotron_jax.checkpoint.integrity import host_fingerprint, leaf_names
+from picotron_jax.checkpoint.metadata import human_bytes
+from picotron_jax.checkpoint.restore import UnreadableCheckpoint, read_meta, split_location
+from picotron_jax.checkpoint.storage import open_store
+from picotron_jax.errors import UserError
+
+
+def _ratio(on_disk: int | None, raw: int | None) -> str:
+    return f"{on_disk / raw:.2f}" if on_disk and raw else "?"
+
+
+def list_steps(path: str) -> list[dict[str, Any]]:
+    """One row per step: step, tokens, on-disk and raw bytes, compression, mesh, validity (from metadata)."""
+    root, _ = split_location(path)
+    store = open_store(root)
+    steps = store.steps()
+    if not steps:
+        raise UserError(f"no checkpoint in {root} (a checkpoint folder holds one folder per saved step)")
+    rows = []
+    for step in steps:
+        row: dict[str, Any] = {"step": step, "where": store.describe(step)}
+        try:
+            meta = read_meta(store.fetch(step))
+            comp = meta.get("compression", {})
+            row.update(tokens=meta.get("tokens_seen"), raw_bytes=meta.get("raw_bytes"), mesh=meta.get("mesh"),
+                       saved_at=meta.get("saved_at"),
+                       compression=f"zstd:{comp['level']}" if comp.get("codec") == "zstd" else "none",
+                       bytes_on_disk=store.bytes_on_disk(step), valid="metadata ok")
+        except UnreadableCheckpoint as exc:
+            row.update(valid=f"UNUSABLE: {exc}")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'step':>8}  {'tokens':>12}  {'on disk':>10}  {'raw':>10}  {'ratio':>5}  {'codec':>7}  mesh / status"
+    lines = [header]
+    for r in rows:
+        if "raw_bytes" not in r:
+            lines.append(f"{r['step']:>8}  {'':>12}  {'':>10}  {'':>10}  {'':>5}  {'':>7}  {r['valid']}")
+            continue
+        lines.append(f"{r['step']:>8}  {r['tokens'] or 0:>12,}  {human_bytes(r['bytes_on_disk']):>10}  "
+                     f"{human_bytes(r['raw_bytes']):>10}  {_ratio(r['bytes_on_disk'], r['raw_bytes']):>5}  "
+                     f"{r['compression']:>7}  {r['mesh']}  ({r['valid']})")
+    return "\n".join(lines)
+
+
+def step_info(path: str) -> dict[str, Any]:
+    """Full description of one step (PATH/<step>, or the newest step of PATH), arrays read and verified."""
+    root, step = split_location(path)
+    store = open_store(root)
+    steps = store.steps()
+    if step is None:
+        if not steps:
+            raise UserError(f"no checkpoint in {root}")
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"no checkpoint at step {step} in {root} (steps there: {', '.join(map(str, steps)) or 'none'})")
+    folder = store.fetch(step)
+    info: dict[str, Any] = {"where": store.describe(step), "bytes_on_disk": store.bytes_on_disk(step)}
+    try:
+        meta = read_meta(folder)
+    except UnreadableCheckpoint as exc:
+        return {**info, "step": step, "valid": False, "problem": str(exc)}
+    info.update({k: meta.get(k) for k in ("step", "tokens_seen", "data_position", "mesh", "saved_at", "git_revision",
+                                          "versions", "raw_bytes", "compression", "process_count")})
+    try:
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        tree = checkpointer.metadata(folder / "state").item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        arrays = checkpointer.restore(folder / "state", args=ocp.args.PyTreeRestore(item=jax.tree.map(
+            lambda _: 0, tree), restore_args=restore_args))
+    except Exception as exc:  # noqa: BLE001 - damaged files raise many types
+        return {**info, "valid": False, "problem": f"its arrays cannot be read ({str(exc).splitlines()[0][:200]})"}
+    names = leaf_names(arrays)
+    leaves = jax.tree.leaves(arrays)
+    info["arrays"] = [{"name": n, "shape": list(np.shape(x)), "dtype": str(np.asarray(x).dtype)}
+                      for n, x in zip(names, leaves)]
+    saved = meta.get("fingerprints", {})
+    bad = [n for n, x in zip(names, leaves) if n in saved and host_fingerprint(np.asarray(x)) != saved[n]]
+    info["valid"] = not bad
+    if bad:
+        info["problem"] = f"{len(bad)} array(s) differ from what was saved ({', '.join(bad[:3])})"
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [f"checkpoint {info['where']}"]
+    if "step" in info and info.get("raw_bytes") is not None:
+        comp = info.get("compression") or {}
+        codec = f"zstd level {comp['level']}" if comp.get("codec") == "zstd" else "uncompressed"
+        lines += [f"  step {info['step']} | {info.get('tokens_seen') or 0:,} tokens | mesh {info.get('mesh')} | "
+                  f"saved {info.get('saved_at')} by {info.get('process_count')} process(es)",
+                  f"  {human_bytes(info['bytes_on_disk'])} on disk, {human_bytes(info['raw_bytes'])} raw "
+                  f"(ratio {_ratio(info['bytes_on_disk'], info['raw_bytes'])}, {codec})",
+                  f"  git {info.get('git_revision') or 'unknown'} | "
+                  + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())]
+    for a in info.get("arrays", []):
+        lines.append(f"  {a['name']:<40} {a['dtype']:<9} {a['shape']}")
+    lines.append("  valid: yes (every array read and matches its saved fingerprint)" if info["valid"]
+                 else f"  valid: NO, {info['problem']}")
+    return "\n".join(lines)
