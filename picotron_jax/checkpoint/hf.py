@@ -82,7 +82,9 @@ def hf_config(m: ModelConfig, max_positions: int, dtype: str) -> dict[str, Any]:
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads, "head_dim": m.resolved_head_dim,
         "rope_theta": m.rope_theta, "rms_norm_eps": m.rms_norm_eps, "tie_word_embeddings": m.tie_embeddings,
         "max_position_embeddings": max_positions, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "rope_scaling": None, "initializer_range": m.init_std, "torch_dtype": dtype,
+        "rope_scaling": None, "initializer_range": m.init_std, "torch_dtype": dtype, "dtype": dtype,
+        # transformers >= 5 reads the rotary settings from here, older versions from the top level
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
     }
 
 
@@ -93,6 +95,9 @@ def model_config_from_hf(raw: dict, base: ModelConfig) -> ModelConfig:
         unsupported.append(f"model_type = {raw.get('model_type')!r} (only 'llama')")
     if raw.get("rope_scaling"):
         unsupported.append(f"rope_scaling = {raw['rope_scaling']!r} (only none)")
+    rope = raw.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        unsupported.append(f"rope_parameters.rope_type = {rope['rope_type']!r} (only 'default')")
     if raw.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act = {raw['hidden_act']!r} (only 'silu')")
     for flag in ("attention_bias", "mlp_bias"):
@@ -104,7 +109,7 @@ def model_config_from_hf(raw: dict, base: ModelConfig) -> ModelConfig:
     return ModelConfig(
         vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"], num_heads=heads, num_kv_heads=raw.get("num_key_value_heads", heads),
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, rope_theta=float(raw.get("rope_theta", 10000.0)),
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         init_std=float(raw.get("initializer_range", base.init_std)), scan_unroll=base.scan_unroll,
     )
