@@ -39,51 +39,51 @@ def damage(step_dir: Path) -> None:
     data.write_bytes(bytes(raw))
 
 
-SCHEDULE = ["train.seq_len=32", "logging.every=1", "optimizer.warmup_steps=2", "optimizer.decay_steps=4"]
+SCHEDULE = ["train.seq_len=32", "logging.every=1", "optimizer.warmup_steps=2", "optimizer.decay_steps=4",
+            "train.steps=6", "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.keep_every=4"]
 
 
-def test_stop_at_step_then_resume_is_bitwise_identical_and_keeps_the_policy(tmp_path, capsys):
-    """Stopped at step 3 (as if time ran out), resumed to 6: same losses as never stopping, bit for bit.
-    keep=1 plus keep_every=4 leaves steps 4 (kept for good) and 6 (newest); saves are async and logged."""
-    common = ["--config", str(MESHES / "tp2-dp4.yaml"), "train.steps=6", *SCHEDULE, "checkpoint.every=2",
-              "checkpoint.keep=1", "checkpoint.keep_every=4"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["train", "--run-dir", str(straight), *common]) == 0
-    assert main(["train", "--run-dir", str(split), "train.stop_at_step=3", *common]) == 0
-    out = capsys.readouterr().out
-    assert "stopped early by train.stop_at_step" in out and "checkpoint 2: training blocked" in out
-    assert steps_on_disk(split / "checkpoints") == [3]  # the stop point is saved although 3 % every != 0
-    assert main(["train", "--run-dir", str(split), "--resume", *common]) == 0
-    assert "resumed from" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """On one device: a straight 6-step run, and a run stopped at step 3 (as if its time ran out, keeping 2
+    checkpoints), whose checkpoints are also copied aside before it is resumed to step 6 (keeping 1)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    common = ["--config", str(MESHES / "single.yaml"), *SCHEDULE]
+    assert main(["train", "--run-dir", str(tmp / "straight"), *common]) == 0
+    assert main(["train", "--run-dir", str(tmp / "split"), *common, "train.stop_at_step=3", "checkpoint.keep=2"]) == 0
+    stopped_at = steps_on_disk(tmp / "split" / "checkpoints")
+    shutil.copytree(tmp / "split" / "checkpoints", tmp / "moved" / "checkpoints")
+    assert main(["train", "--run-dir", str(tmp / "split"), "--resume", *common]) == 0
+    return tmp, stopped_at
 
-    a, b = logged_losses(straight), logged_losses(split)
+
+def test_stop_at_step_then_resume_is_bitwise_identical_and_keeps_the_policy(runs):
+    """Stopped at 3 and resumed to 6: the same losses as never stopping, bit for bit. keep=1 plus
+    keep_every=4 leaves steps 4 (kept for good) and 6 (newest); saves are async and logged."""
+    tmp, stopped_at = runs
+    assert stopped_at == [2, 3]  # the stop point is saved although 3 % checkpoint.every != 0
+    a, b = logged_losses(tmp / "straight"), logged_losses(tmp / "split")
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bitwise: same mesh, same batches
-    assert steps_on_disk(straight / "checkpoints") == [4, 6]
-    events = [json.loads(line) for line in (straight / "checkpoints.jsonl").read_text().splitlines()]
+    assert steps_on_disk(tmp / "straight" / "checkpoints") == steps_on_disk(tmp / "split" / "checkpoints") == [4, 6]
+    events = [json.loads(line) for line in (tmp / "straight" / "checkpoints.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events] == [2, 4, 6] and all(e["async"] and e["blocked_s"] >= 0 for e in events)
     assert all(0 < e["bytes_on_disk"] for e in events)
 
 
-def test_resume_onto_another_mesh_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
-    """Saved on data=8 at steps 2 and 3; step 3 damaged on disk; --resume on data=4 x tensor=2 says so in
-    one line, restores step 2 resharded, and continues within fp32 tolerance of an uninterrupted run."""
-    common = [*SCHEDULE, "checkpoint.every=2"]
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
-    assert main(["train", "--config", str(MESHES / "dp8.yaml"), "--run-dir", str(straight), "train.steps=5",
-                 *common]) == 0
-    assert main(["train", "--config", str(MESHES / "dp8.yaml"), "--run-dir", str(moved), "train.steps=5",
-                 "train.stop_at_step=3", *common]) == 0
-    assert steps_on_disk(moved / "checkpoints") == [2, 3]
-    damage(moved / "checkpoints" / "3")
+def test_resume_onto_another_mesh_falls_back_past_a_damaged_checkpoint(runs, capsys):
+    """Saved on one device at steps 2 and 3; step 3 damaged on disk; --resume on data=4 x tensor=2 says so
+    in one line, restores step 2 resharded, and continues within fp32 tolerance of the straight run."""
+    tmp, _ = runs
+    damage(tmp / "moved" / "checkpoints" / "3")
     capsys.readouterr()
-    assert main(["train", "--config", str(MESHES / "tp2-dp4.yaml"), "--run-dir", str(moved), "--resume",
-                 "train.steps=5", *common]) == 0
+    assert main(["train", "--config", str(MESHES / "tp2-dp4.yaml"), "--run-dir", str(tmp / "moved"), "--resume",
+                 *SCHEDULE]) == 0
     out = capsys.readouterr().out
     assert "checkpoints/3 is unusable" in out and "falling back to step 2" in out and "at step 2" in out
-
-    a, b = logged_losses(straight), logged_losses(moved)
-    np.testing.assert_allclose([b[s] for s in (3, 4, 5)], [a[s] for s in (3, 4, 5)], rtol=1e-5)
+    a, b = logged_losses(tmp / "straight"), logged_losses(tmp / "moved")
+    assert sorted(b) == [3, 4, 5, 6]
+    np.testing.assert_allclose([b[s] for s in (3, 4, 5, 6)], [a[s] for s in (3, 4, 5, 6)], rtol=1e-5)
 
 
 # ----------------------------------------------------------------- the Checkpointer without training

@@ -1,0 +1,112 @@
+"""A training process killed with SIGKILL at random moments (one of them while an async save is being
+written) and restarted with --resume ends with the same parameters as a run that was never killed.
+
+The kill points are random; the seed is printed (and can be fixed with KILL_SEED=...) so a failure
+can be replayed. The default test kills twice; `-m slow` runs a variant with many kills.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import MESHES, ROOT
+from picotron_jax.checkpoint.hf import load_checkpoint_params
+
+STEPS = 12
+TINY = ["--config", str(MESHES / "single.yaml"), "model.hidden_size=32", "model.intermediate_size=64",
+        "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "train.seq_len=16", "train.global_batch=4",
+        f"train.steps={STEPS}", "optimizer.warmup_steps=2", "logging.every=1", "logging.progress=false",
+        "checkpoint.every=2", "checkpoint.keep=1"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu",
+       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def complete_steps(run: Path) -> list[int]:
+    folder = run / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def run_once(run: Path, kill_on_line: str | None = None, kill_after_s: float | None = None) -> tuple[int, str]:
+    """Train (resuming when a checkpoint exists); SIGKILL on the first output line containing
+    `kill_on_line`, or `kill_after_s` seconds after the first training step. Returns (exit code, output)."""
+    args = [sys.executable, "-m", "picotron_jax", "train", "--run-dir", str(run), *TINY]
+    if complete_steps(run):
+        args.append("--resume")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    watchdog = threading.Timer(300, proc.kill)  # never hang the suite
+    watchdog.start()
+    lines, timer = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if kill_on_line is not None and kill_on_line in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+            if kill_after_s is not None and timer is None and line.startswith("step "):
+                timer = threading.Timer(kill_after_s, proc.send_signal, (signal.SIGKILL,))
+                timer.start()
+        code = proc.wait()
+    finally:
+        watchdog.cancel()
+        if timer is not None:
+            timer.cancel()
+        proc.stdout.close()
+    return code, "".join(lines)
+
+
+def final_params(run: Path) -> list[np.ndarray]:
+    params, _ = load_checkpoint_params(run / "checkpoints" / str(STEPS))
+    return jax.tree.leaves(params)
+
+
+def killed_and_resumed(run: Path, rng: random.Random, kills: int) -> list[str]:
+    """One kill during an async save, then `kills - 1` kills at random times, then run to the end."""
+    notes = []
+    save_step = rng.choice(range(2, STEPS, 2))
+    code, _ = run_once(run, kill_on_line=f"checkpoint {save_step}: training blocked")
+    tmp_left = sorted(p.name for p in (run / "checkpoints").iterdir() if "tmp" in p.name)
+    notes.append(f"killed (exit {code}) right after save {save_step} started; unfinished folders {tmp_left}")
+    assert code == -signal.SIGKILL
+    for _ in range(kills - 1):
+        delay = rng.uniform(0.0, 0.8)  # the tiny run's 12 steps and 6 saves take about 1 s
+        code, out = run_once(run, kill_after_s=delay)
+        notes.append(f"killed {delay:.2f}s after the first step (exit {code}); complete steps {complete_steps(run)}")
+        if code == 0:  # finished before the timer fired
+            break
+    code, out = run_once(run)
+    assert code == 0, out
+    notes.append("final run: " + next((ln for ln in out.splitlines() if ln.startswith("resumed from")), "fresh start"))
+    return notes
+
+
+def check_against_uninterrupted(tmp_path: Path, kills: int) -> None:
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 1_000_000))
+    print(f"KILL_SEED={seed}")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    code, out = run_once(reference)
+    assert code == 0, out
+    for note in killed_and_resumed(killed, random.Random(seed), kills):
+        print(note)
+    assert complete_steps(killed)[-1] == STEPS
+    for a, b in zip(final_params(reference), final_params(killed), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise: same mesh, same batches, same schedule
+
+
+def test_sigkill_during_async_save_and_at_a_random_moment_then_resume_is_bitwise(tmp_path):
+    check_against_uninterrupted(tmp_path, kills=2)
+
+
+@pytest.mark.slow
+def test_many_sigkills_then_resume_is_bitwise(tmp_path):
+    check_against_uninterrupted(tmp_path, kills=6)
