@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -71,13 +72,16 @@ def final_params(run: Path) -> list[np.ndarray]:
 
 
 def killed_and_resumed(run: Path, rng: random.Random, kills: int) -> list[str]:
-    """One kill during an async save, then `kills - 1` kills at random times, then run to the end."""
+    """One kill during an async save (an older checkpoint exists), then `kills - 1` kills at random times,
+    then run to the end."""
     notes = []
-    save_step = rng.choice(range(2, STEPS, 2))
+    save_step = rng.choice(range(4, STEPS, 2))
     code, _ = run_once(run, kill_on_line=f"checkpoint {save_step}: training blocked")
     tmp_left = sorted(p.name for p in (run / "checkpoints").iterdir() if "tmp" in p.name)
     notes.append(f"killed (exit {code}) right after save {save_step} started; unfinished folders {tmp_left}")
     assert code == -signal.SIGKILL
+    # keep=1, yet the previous checkpoint is still there unless the new one completed first
+    assert complete_steps(run) in ([save_step - 2], [save_step]), complete_steps(run)
     for _ in range(kills - 1):
         delay = rng.uniform(0.0, 0.8)  # the tiny run's 12 steps and 6 saves take about 1 s
         code, out = run_once(run, kill_after_s=delay)
@@ -85,7 +89,7 @@ def killed_and_resumed(run: Path, rng: random.Random, kills: int) -> list[str]:
         if code == 0:  # finished before the timer fired
             break
     code, out = run_once(run)
-    assert code == 0, out
+    assert code == 0 and "resumed from" in out, out
     notes.append("final run: " + next((ln for ln in out.splitlines() if ln.startswith("resumed from")), "fresh start"))
     return notes
 
@@ -94,10 +98,12 @@ def check_against_uninterrupted(tmp_path: Path, kills: int) -> None:
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 1_000_000))
     print(f"KILL_SEED={seed}")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    code, out = run_once(reference)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run goes alongside
+        straight = pool.submit(run_once, reference)
+        for note in killed_and_resumed(killed, random.Random(seed), kills):
+            print(note)
+        code, out = straight.result()
     assert code == 0, out
-    for note in killed_and_resumed(killed, random.Random(seed), kills):
-        print(note)
     assert complete_steps(killed)[-1] == STEPS
     for a, b in zip(final_params(reference), final_params(killed), strict=True):
         np.testing.assert_array_equal(a, b)  # bitwise: same mesh, same batches, same schedule
