@@ -1,0 +1,98 @@
+"""Checkpoint figures for bench-32m: how long a save blocks the training loop (async vs sync), how long
+the write takes, and bytes on disk at several zstd levels versus the raw bytes of the train state.
+
+Variants run interleaved in one process (the host is noisy); every figure is a median over --repeats.
+The state is the one after a few real train steps, so Adam's moments are not the zeros of step 0.
+
+    PYTHONPATH=. python benchmarks/checkpoint_bench.py --out /tmp/ckpt-bench --json checkpoint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+from picotron_jax.checkpoint.manager import Checkpointer
+from picotron_jax.checkpoint.metadata import raw_bytes
+from picotron_jax.config import load_config
+from picotron_jax.trainer import prepare_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_save(state, cfg, folder: Path) -> tuple[float, float, int]:
+    """(seconds the caller was blocked, seconds until the checkpoint was complete, bytes on disk)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    ckpt = Checkpointer(folder, cfg, say=lambda _m: None)
+    t0 = time.perf_counter()
+    blocked = ckpt.save(state, {"mesh": "bench-32m"})
+    ckpt.close()  # waits for the background write
+    complete = time.perf_counter() - t0
+    size = ckpt.store.bytes_on_disk(int(state.step))
+    shutil.rmtree(folder, ignore_errors=True)
+    return blocked, complete, size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/picotron-ckpt-bench", help="scratch folder for the checkpoints")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--levels", default="0,1,3,9,19", help="zstd levels to compare (0 = uncompressed)")
+    parser.add_argument("--json", dest="json_out", help="also write the result here")
+    args = parser.parse_args()
+
+    cfg = load_config(ROOT / "meshes" / "bench-32m.yaml", ["checkpoint.every=1"])
+    run = prepare_run(cfg)
+    from picotron_jax.train.state import init_train_state
+
+    state = init_train_state(cfg, run.setup)
+    for i in range(args.train_steps):
+        state, _ = run.train_step(state, run.batch(i))
+    jax.block_until_ready(state)
+    out = Path(args.out)
+    timed_save(state, cfg, out / "warmup")  # compiles the fingerprint function, starts Orbax's threads
+
+    modes: dict[str, dict[str, list]] = {m: {"blocked_s": [], "complete_s": []} for m in ("async", "sync")}
+    for r in range(args.repeats):
+        for mode in ("async", "sync"):  # interleaved
+            cfg.checkpoint.async_save = mode == "async"
+            cfg.checkpoint.compression_level = 3
+            blocked, complete, _ = timed_save(state, cfg, out / f"{mode}-{r}")
+            modes[mode]["blocked_s"].append(blocked)
+            modes[mode]["complete_s"].append(complete)
+
+    levels = [int(x) for x in args.levels.split(",")]
+    sizes: dict[int, dict[str, list]] = {lv: {"bytes": [], "complete_s": []} for lv in levels}
+    cfg.checkpoint.async_save = False
+    for r in range(args.repeats):
+        for level in levels:
+            cfg.checkpoint.compression_level = level
+            _, complete, size = timed_save(state, cfg, out / f"zstd{level}-{r}")
+            sizes[level]["bytes"].append(size)
+            sizes[level]["complete_s"].append(complete)
+
+    raw = raw_bytes(state)
+    result = {
+        "config": "meshes/bench-32m.yaml", "params": run.setup.spec.num_params(), "raw_bytes": raw,
+        "device": f"{len(run.devices)} x {run.devices[0].platform}", "repeats": args.repeats,
+        "save": {m: {k: round(statistics.median(v), 4) for k, v in d.items()} for m, d in modes.items()},
+        "compression": {str(lv): {"bytes_on_disk": int(statistics.median(d["bytes"])),
+                                  "ratio": round(statistics.median(d["bytes"]) / raw, 4),
+                                  "complete_s": round(statistics.median(d["complete_s"]), 4)}
+                        for lv, d in sizes.items()},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
