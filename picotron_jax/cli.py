@@ -88,6 +88,9 @@ def _hf_source(args, cfg) -> str | None:
     """`--from hf PATH`: the model section comes from the folder's config.json (checkpoint/hf.py)."""
     if args.init_from is None:
         return None
+    if args.resume or args.resume_from:
+        raise UserError("--from hf starts a new run from a Hugging Face model; it cannot be combined with --resume "
+                        "or --resume-from (a resumed run already has its weights)")
     from picotron_jax.checkpoint.hf import apply_hf_model_config
 
     return apply_hf_model_config(args.init_from, cfg)

@@ -92,8 +92,13 @@ class S3Store(CheckpointStore):
     """s3://bucket/prefix through TensorStore's s3 driver, staged in a local folder."""
 
     def __init__(self, url: str, keep: int = 0, keep_every: int = 0, staging: Path | None = None):
+        import jax
         import tensorstore as ts
 
+        if jax.process_count() > 1:
+            raise UserError(f"checkpoint path {url!r}: s3:// checkpoints are staged in a local folder, which works "
+                            f"for single-process runs only; with {jax.process_count()} processes use gs:// or a "
+                            f"file system all hosts share (an S3 bucket mounted with s3fs/mountpoint-s3 works)")
         self.url = url.rstrip("/")
         self.keep, self.keep_every = keep, keep_every
         digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
