@@ -57,7 +57,7 @@ def main() -> None:
         state, _ = run.train_step(state, run.batch(i))
     jax.block_until_ready(state)
     out = Path(args.out)
-    timed_save(state, cfg, out / "warmup")  # compiles the fingerprint function, starts Orbax's threads
+    timed_save(state, cfg, out / "warmup")  # starts Orbax's threads, first TensorStore contexts
 
     modes: dict[str, dict[str, list]] = {m: {"blocked_s": [], "complete_s": []} for m in ("async", "sync")}
     for r in range(args.repeats):

@@ -110,16 +110,19 @@ def assert_same_state(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# Orbax leaves the other reads of a failed restore to an event loop it has closed: harmless noise
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_and_flipped_checkpoints_are_caught_and_skipped(small_state, tmp_path):
     cfg, st, state = small_state
     save_steps(cfg, state, tmp_path, [1, 2, 3], compression_level=0, async_save=True)
-    damage(tmp_path / "3")  # uncompressed: the flipped bytes decode fine, only the fingerprint notices
+    damage(tmp_path / "3")  # uncompressed: the flipped bytes would decode fine, the chunk's CRC32C does not
     data = max((tmp_path / "2" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])  # truncated
     said = []
     restored, meta, where = restore_train_state(str(tmp_path), st.abstract, st.shardings, cfg, said.append)
     assert meta["step"] == int(restored.step) == 1 and where.endswith("/1")
-    assert len(said) == 2 and "array(s) differ from what was saved" in said[0] and "cannot be read" in said[1]
+    assert len(said) == 2 and all("arrays cannot be read" in line for line in said), said
+    assert "Digest mismatch" in said[0] and said[0].endswith("falling back to step 2")
     assert_same_state(restored.params, state.params)
     assert not step_info(str(tmp_path / "3"))["valid"] and step_info(str(tmp_path / "1"))["valid"]
     with pytest.raises(UserError, match="checkpoint .*/3 is unusable"):  # named explicitly: no fallback
@@ -138,12 +141,14 @@ def test_leftover_of_a_killed_save_is_ignored_and_removed(small_state, tmp_path)
 
 
 def zstd_levels(step_dir: Path) -> set:
-    """The zstd level recorded in every array's zarr.json inside the OCDBT database."""
+    """The zstd level recorded in every array's zarr.json inside the OCDBT database (each chunk's codec
+    chain also ends with a CRC32C)."""
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"}).result()
     levels = set()
     for key in kv.list().result():
         if key.endswith(b"zarr.json"):
             codecs = json.loads(kv.read(key).result().value)["codecs"][0]["configuration"]["codecs"]
+            assert codecs[-1]["name"] == "crc32c"
             levels |= {c["configuration"]["level"] for c in codecs if c["name"] == "zstd"} or {0}
     return levels
 

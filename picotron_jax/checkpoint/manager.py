@@ -5,13 +5,13 @@ Layout on disk (readable with `orbax.checkpoint` alone):
     CKPT_DIR/<step>/state   Orbax PyTree (OCDBT + zarr3) of every TrainState field: step, params,
                             opt_state, and whatever fields the state grows (loss scale, RNG keys)
     CKPT_DIR/<step>/meta    JSON (metadata.py): step, tokens seen, data position, mesh, git revision,
-                            package versions, raw bytes, compression, array fingerprints, resolved config
+                            package versions, raw bytes, compression, resolved config
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every file is written, so
 a half-written step is never listed; leftovers of a killed save are removed when the next run opens
 the folder. Old steps are deleted only after a newer one is complete. With `checkpoint.async_save`
-the loop is blocked only while the arrays are copied to host memory; the write runs in a background
-thread, and the next save (or the end of the run) waits for it.
+the loop is blocked only while the arrays are copied to host memory; the write (zstd, and a CRC32C
+per chunk: codecs.py) runs in a background thread, and the next save (or the end of the run) waits for it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from picotron_jax.checkpoint import metadata as meta_lib
-from picotron_jax.checkpoint.compression import use_zstd_level
-from picotron_jax.checkpoint.integrity import fingerprints
+from picotron_jax.checkpoint.codecs import use_chunk_codecs
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
 
@@ -42,7 +41,7 @@ def state_tree(state: Any) -> dict[str, Any]:
 
 
 def item_handlers(compression_level: int) -> dict[str, Any]:
-    use_zstd_level(compression_level)
+    use_chunk_codecs(compression_level)
     return {
         "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=compression_level > 0),
         "meta": ocp.JsonCheckpointHandler(),
@@ -97,8 +96,8 @@ class Checkpointer:
         self._finish_pending()  # Orbax waits for the previous write anyway: account for it here
         waited = time.perf_counter() - t0
         tree = state_tree(state)
-        meta = meta_lib.build(step, self.cfg, tree, fingerprints(tree), extra_meta)
-        use_zstd_level(self.cfg.checkpoint.compression_level)
+        meta = meta_lib.build(step, self.cfg, tree, extra_meta)
+        use_chunk_codecs(self.cfg.checkpoint.compression_level)
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree),
                                                          meta=ocp.args.JsonSave(meta)))
         if not self.cfg.checkpoint.async_save:

@@ -40,12 +40,18 @@ def _git_revision() -> str | None:
 _STATIC: dict[str, Any] = {}
 
 
+def leaf_names(tree: Any) -> list[str]:
+    """'params/layers/wq', ... for every array of a tree."""
+    return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in
+            jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def raw_bytes(tree: Any) -> int:
     """Bytes of every array once (global shapes: replicas are written once)."""
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
-def build(step: int, cfg: Config, tree: Any, fingerprints: dict[str, int], extra: dict) -> dict[str, Any]:
+def build(step: int, cfg: Config, tree: Any, extra: dict) -> dict[str, Any]:
     if not _STATIC:
         _STATIC.update(git_revision=_git_revision(), versions=_versions())
     level = cfg.checkpoint.compression_level
@@ -58,8 +64,9 @@ def build(step: int, cfg: Config, tree: Any, fingerprints: dict[str, int], extra
         **_STATIC,
         "raw_bytes": raw_bytes(tree),
         "compression": {"codec": "zstd", "level": level} if level > 0 else {"codec": "none"},
+        "checksum": "crc32c per chunk",
         "fields": sorted(tree),
-        "fingerprints": fingerprints,
+        "arrays": leaf_names(tree),
         "config": cfg.to_dict(),
     }
 
