@@ -26,8 +26,11 @@ from picotron_jax.data import TokenDataset, global_batch, prefetch
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import build_mesh, describe, run_devices
 from picotron_jax.observe.flops import flops_per_token, run_peak_flops
+from picotron_jax.observe.memory import device_memory_stats, live_arrays_stats
 from picotron_jax.observe.metrics import MetricsWriter, device_memory_bytes, format_log_line
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train.promotion import promote_overflowing_modules
+from picotron_jax.train.remat import check_backend
 from picotron_jax.train.state import StateSetup, TrainState, init_train_state, setup_state
 from picotron_jax.train.step import build_train_step
 
@@ -52,6 +55,7 @@ def prepare_run(cfg: Config) -> Run:
     """Validate everything, then build mesh, data and the jitted step (no compilation yet)."""
     devices = run_devices(cfg.mesh)
     validate(cfg, len(devices))
+    check_backend(cfg, devices[0].platform)
     mesh = build_mesh(cfg.mesh, devices)
     rules = MeshRules.from_config(mesh, cfg)
     dataset = TokenDataset.build(cfg.data, cfg.train.seq_len, cfg.train.seed)
@@ -152,12 +156,16 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
             f"data {run.dataset.num_tokens:,} tokens ({cfg.data.source}) | peak {peak / 1e9:.1f} GFLOP/s "
             f"({peak_source})"
         )
+        console.print(f"{run.setup.policy.describe()} | remat {cfg.memory.remat}")
 
     ckpt = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg)
     if resume:
         state: TrainState = ckpt.restore(run.setup.abstract, run.setup.shardings)
         if is_main:
             console.print(f"resumed from {ckpt.directory / str(int(state.step))} at step {int(state.step)}")
+        if state.loss_scale is not None and (message := promote_overflowing_modules(
+                run, np.asarray(state.loss_scale.module_overflows))) and is_main:
+            console.print(message)
     else:
         state = init_train_state(cfg, run.setup)
     metrics_file = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
@@ -209,6 +217,11 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                         "memory_bytes": device_memory_bytes(run.devices),
                         "time_s": time.perf_counter() - t_start,
                     }
+                    if "loss_scale" in metrics:  # fp16 (train/precision.py)
+                        row.update(loss_scale=float(metrics["loss_scale"]), skipped_steps=int(metrics["skipped_steps"]))
+                    row.update(device_memory_stats(run.devices))
+                    if cfg.memory.live_arrays:
+                        row.update(live_arrays_stats())
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}")
                     metrics_file.write(row)
@@ -216,6 +229,9 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                     if is_main:
                         progress.console.print(format_log_line(row, total))
                     t_window, window_steps = time.perf_counter(), 0
+                    if "module_overflows" in metrics and (message := promote_overflowing_modules(
+                            run, metrics["module_overflows"])) and is_main:
+                        progress.console.print(message)
                 summary.steps = step + 1
                 if ckpt.should_save(step + 1, last):
                     ckpt.save(state, cfg, {"tokens_seen": (step + 1) * tokens_per_step, "mesh": describe(run.mesh)})

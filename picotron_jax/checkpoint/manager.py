@@ -23,7 +23,10 @@ from picotron_jax.train.state import TrainState
 
 
 def _as_tree(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.loss_scale is not None:  # fp16 runs: dynamic loss scale and overflow counts (train/precision.py)
+        tree["loss_scale"] = state.loss_scale
+    return tree
 
 
 class Checkpointer:
@@ -71,7 +74,8 @@ class Checkpointer:
         )
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         tree = restored["state"]
-        return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+        return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                          loss_scale=tree.get("loss_scale"))
 
     def close(self) -> None:
         self._manager.close()
