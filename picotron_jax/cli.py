@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.memory.command import add_parser as add_memory_parser
 
     add_memory_parser(sub, _add_config_args)
+    from picotron_jax.analyze_precision import add_parser as add_precision_parser
+
+    add_precision_parser(sub, _add_config_args)
     return parser
 
 
@@ -144,8 +147,14 @@ def cmd_memory(args) -> int:
     return run_memory(args, _load)
 
 
+def cmd_precision(args) -> int:
+    from picotron_jax.analyze_precision import cmd_precision as run_precision
+
+    return run_precision(args, _load)
+
+
 COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
-            "memory": cmd_memory}
+            "memory": cmd_memory, "precision": cmd_precision}
 
 
 def _in_multiprocess_run() -> bool:

@@ -25,16 +25,17 @@ from picotron_jax.train.state import StateSetup, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B, T]
 
-def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any,
-                   policy: mp.PrecisionPolicy | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
+def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.PrecisionPolicy | None = None,
+                   layer_stack: Callable | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
     """params, batch -> (objective sum, (nll sum, z sum)); sums over the batch's unmasked tokens.
 
-    Dtypes follow the precision policy (train/precision.py), the layer scan the remat policy."""
+    Dtypes follow the precision policy (train/precision.py), the layer scan the remat policy
+    (or `layer_stack`, e.g. the probes of train/precision_analysis.py)."""
     policy = policy or mp.resolve_policy(cfg, list(rules.mesh.devices.flat))
     compute_dtype = jnp.dtype(policy.compute_dtype)
     module_dtypes = policy.model_dtypes()
     head_dtype = policy.dtype_of("head")
-    layer_stack = make_layer_stack(cfg)
+    layer_stack = layer_stack or make_layer_stack(cfg)
     z_coef = cfg.train.z_loss
 
     def loss_sums(params, batch):
