@@ -12,6 +12,7 @@ from helpers import MESHES, preset, setup, synthetic_batch
 from picotron_jax.cli import main
 from picotron_jax.config import validate
 from picotron_jax.errors import UserError
+from picotron_jax.observe.memory import live_arrays_stats
 from picotron_jax.train import precision as mp
 from picotron_jax.train.precision_analysis import analyze, write_policy
 from picotron_jax.train.state import init_params, init_train_state
@@ -34,7 +35,7 @@ def train_losses(cfg, steps, batch_fn=synthetic_batch, params_fn=None):
     rows, params = [], []
     for i in range(steps):
         state, metrics = step(state, batch_fn(cfg, i, rules))
-        rows.append(jax.device_get(metrics))
+        rows.append({**jax.device_get(metrics), **live_arrays_stats()})
         params.append(jax.tree.map(np.asarray, state.params))
     return rows, params, state, st
 
@@ -54,6 +55,8 @@ def test_low_precision_tracks_fp32(mode, fp32_losses):
     np.testing.assert_allclose(losses, fp32_losses, atol=TRACK_BOUND, rtol=0)
     if mode == "fp16":
         assert int(rows[-1]["skipped_steps"]) == 0 and float(rows[-1]["loss_scale"]) == 2.0**15
+    # the donated state is replaced, not accumulated: the live device arrays stay level (no leak)
+    assert len({(r["live_arrays"], r["live_bytes"]) for r in rows[2:]}) == 1, [r["live_arrays"] for r in rows]
 
 
 def overflow_at(step_index):
