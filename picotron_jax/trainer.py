@@ -30,7 +30,6 @@ from picotron_jax.observe.memory import device_memory_stats, live_arrays_stats
 from picotron_jax.observe.metrics import MetricsWriter, device_memory_bytes, format_log_line
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.train.promotion import promote_overflowing_modules
-from picotron_jax.train.remat import check_backend
 from picotron_jax.train.state import StateSetup, TrainState, init_train_state, setup_state
 from picotron_jax.train.step import build_train_step
 
@@ -55,7 +54,6 @@ def prepare_run(cfg: Config) -> Run:
     """Validate everything, then build mesh, data and the jitted step (no compilation yet)."""
     devices = run_devices(cfg.mesh)
     validate(cfg, len(devices))
-    check_backend(cfg, devices[0].platform)
     mesh = build_mesh(cfg.mesh, devices)
     rules = MeshRules.from_config(mesh, cfg)
     dataset = TokenDataset.build(cfg.data, cfg.train.seq_len, cfg.train.seed)

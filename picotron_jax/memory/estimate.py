@@ -27,7 +27,6 @@ from picotron_jax.memory.flops import traced_flops_per_device
 from picotron_jax.mesh import build_mesh, describe
 from picotron_jax.observe.hlo import collective_bytes
 from picotron_jax.parallel.sharding import MeshRules, bytes_per_device
-from picotron_jax.train.remat import check_backend
 from picotron_jax.train.state import StateSetup, setup_state
 from picotron_jax.train.step import build_train_step
 
@@ -76,7 +75,6 @@ def compile_train_step(cfg: Config, devices: list) -> tuple[Any, MeshRules, Stat
     """Validate, build the mesh and compile the train step for abstract inputs (nothing runs).
     Returns the compiled step, rules, state setup and the step's matmul FLOPs per device."""
     validate(cfg, len(devices))
-    check_backend(cfg, devices[0].platform)
     rules = MeshRules.from_config(build_mesh(cfg.mesh, devices), cfg)
     setup = setup_state(cfg, rules)
     state, batch = abstract_inputs(cfg, rules, setup)

@@ -16,7 +16,7 @@ w_down.
 | save_qkv | q, k, v projections | attention, output projection, MLP |
 | save_attn | q, k, v, attention output, output projection | the MLP |
 | names | the tags in memory.remat_names | the rest |
-| offload_attn | as save_attn, but moved to host memory (GPU/TPU) | the MLP |
+| offload_attn | as save_attn, but in pinned host memory (on XLA:CPU host and device memory are one) | the MLP |
 
 Per-layer choice: `memory.remat="full:6,none:2"` runs the first six layers with `full` and the
 last two with `none`, as two scans (early layers hold their activations longest).
@@ -34,7 +34,6 @@ from typing import Callable
 import jax
 
 from picotron_jax.config import Config, parse_remat
-from picotron_jax.errors import UserError
 from picotron_jax.models.llama import scan_layers
 
 ATTENTION_TAGS = ("wq", "wk", "wv", "attention", "wo")
@@ -64,12 +63,6 @@ def checkpoint_policy(name: str, remat_names: tuple[str, ...] = ()) -> Callable 
 
 def remat_segments(cfg: Config) -> list[tuple[str, int]]:
     return parse_remat(cfg.memory.remat, cfg.model.num_layers)
-
-
-def check_backend(cfg: Config, platform: str) -> None:
-    if any(name == "offload_attn" for name, _ in remat_segments(cfg)) and platform == "cpu":
-        raise UserError(f"config field 'memory.remat' = {cfg.memory.remat!r}: offload_attn moves saved activations to "
-                        f"host memory, which XLA:CPU does not have apart from device memory; use save_attn on CPU")
 
 
 def make_layer_stack(cfg: Config) -> Callable | None:

@@ -25,6 +25,7 @@ from picotron_jax.train.state import StateSetup, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B, T]
 
+
 def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.PrecisionPolicy | None = None,
                    layer_stack: Callable | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
     """params, batch -> (objective sum, (nll sum, z sum)); sums over the batch's unmasked tokens.
