@@ -36,7 +36,7 @@ def train_losses(cfg, steps, batch_fn=synthetic_batch, params_fn=None):
     for i in range(steps):
         state, metrics = step(state, batch_fn(cfg, i, rules))
         rows.append({**jax.device_get(metrics), **live_arrays_stats()})
-        params.append(jax.tree.map(np.asarray, state.params))
+        params.append(jax.tree.map(np.array, state.params))  # a copy: np.asarray would keep the device array alive
     return rows, params, state, st
 
 
