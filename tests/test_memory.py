@@ -14,9 +14,11 @@ import pytest
 
 from helpers import MESHES, ROOT, preset, setup, synthetic_batch
 from picotron_jax.cli import main
+from picotron_jax.config import MemoryConfig, validate
 from picotron_jax.errors import UserError
 from picotron_jax.memory.estimate import estimate_memory
 from picotron_jax.memory.planner import candidate_space, choose, configured, parse_bytes, plan
+from picotron_jax.observe.memory import apply_allocator_settings, device_memory_stats, live_arrays_stats
 from picotron_jax.train.state import init_params, init_train_state
 from picotron_jax.train.step import build_grad_fn, build_train_step
 
@@ -119,3 +121,20 @@ def test_memory_command_compiles_a_mesh_larger_than_the_machine():
     )
     assert out.returncode == 0, out.stderr
     assert "32 cpu device(s)" in out.stdout and "data=8" in out.stdout and "tensor=4" in out.stdout
+
+
+def test_allocator_settings_readings_and_memory_config_errors(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert apply_allocator_settings(MemoryConfig()) == ""  # JAX's defaults: nothing to set
+    # the test process started JAX long ago: the settings cannot apply, and the warning says what to do
+    warning = apply_allocator_settings(MemoryConfig(preallocate=False, fraction=0.5))
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.500" in warning
+    assert device_memory_stats(jax.devices()) == {}  # XLA:CPU has no allocator statistics
+    assert live_arrays_stats()["live_arrays"] >= 0
+    for override, message in (("memory.remat=most", "'memory.remat' = 'most'"),
+                              ("memory.remat=full:1", "cover 1 layers but model.num_layers = 4"),
+                              ("memory.remat=names", "'memory.remat_names'"),
+                              ("memory.fraction=1.5", "'memory.fraction' = 1.5")):
+        with pytest.raises(UserError, match=message):
+            validate(preset("single", override), 1)
