@@ -77,6 +77,8 @@ def bench_step(cfg: Config) -> dict:
         "xla_flops_per_device": float(cost.get("flops", float("nan"))),
         "loss": float(metrics["loss"]),
         "mesh": describe(run.mesh),
+        "precision": run.setup.policy.describe(),
+        "remat": cfg.memory.remat,
         "num_devices": len(run.devices),
         "device_kind": run.devices[0].device_kind,
         "params": run.setup.spec.num_params(),

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- train|bench ...",
                    help="the command every process runs, with its options and overrides")
     checkpoint_commands.add_parsers(sub)
+
+    from picotron_jax.memory.command import add_parser as add_memory_parser
+
+    add_memory_parser(sub, _add_config_args)
+    from picotron_jax.analyze_precision import add_parser as add_precision_parser
+
+    add_precision_parser(sub, _add_config_args)
     return parser
 
 
@@ -76,6 +83,10 @@ def cmd_train(args) -> int:
     cfg = _load(args)
     run_dir = Path(args.run_dir or cfg.logging.run_dir)
     cfg.logging.run_dir = str(run_dir)
+    from picotron_jax.observe.memory import apply_allocator_settings
+
+    if warning := apply_allocator_settings(cfg.memory):
+        print(f"warning: {warning}", file=sys.stderr)
     with _cluster(cfg) as cluster:
         from picotron_jax.trainer import train
 
@@ -149,7 +160,20 @@ def _load_child_config(args, extra: list[str]):
     return load_config(args.config, list(args.overrides) + extra)
 
 
-COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch}
+def cmd_memory(args) -> int:
+    from picotron_jax.memory.command import cmd_memory as run_memory
+
+    return run_memory(args, _load)
+
+
+def cmd_precision(args) -> int:
+    from picotron_jax.analyze_precision import cmd_precision as run_precision
+
+    return run_precision(args, _load)
+
+
+COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
+            "memory": cmd_memory, "precision": cmd_precision}
 COMMANDS.update(checkpoint_commands.COMMANDS)
 
 

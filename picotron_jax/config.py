@@ -113,6 +113,34 @@ class BenchConfig:
     warmup: int = 2
 
 
+PRECISION_MODES = ("auto", "fp32", "bf16", "fp16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+@dataclass
+class PrecisionConfig:
+    """Mixed precision (train/precision.py): fp32 master weights, per-module compute dtypes."""
+
+    mode: str = "auto"  # auto (bf16 on TPU / Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    overrides: str = ""  # "pattern:dtype,...", e.g. "head:fp32,layers.w_*:bf16" (fnmatch over module names)
+    policy_file: str = ""  # per-module policy YAML written by `picotron-jax precision analyze`
+    matmul: str = "default"  # f32 matmul precision on TF32-class hardware: default | high | highest
+    loss_scale_init: float = 32768.0  # fp16: initial dynamic loss scale (2^15)
+    loss_scale_growth_interval: int = 2000  # fp16: double the scale after this many finite steps
+    promote_after: int = 3  # fp16: overflows attributed to one module before it runs in fp32; 0 = never
+
+
+@dataclass
+class MemoryConfig:
+    """Rematerialisation and device allocator (train/remat.py, picotron_jax/memory/)."""
+
+    remat: str = "none"  # none | full | dots | save_qkv | save_attn | names | offload_attn, or "full:2,none:2" per layer
+    remat_names: str = ""  # remat=names: checkpoint_name tags to keep, e.g. "wq,wk,wv,attention"
+    preallocate: bool = True  # GPU allocator: reserve memory up front (JAX's default); false = allocate on demand
+    fraction: float = 0.0  # GPU allocator: fraction of device memory to preallocate; 0 = JAX's default (0.75)
+    live_arrays: bool = True  # log the count and bytes of live device arrays each logging interval (leak check)
+
+
 CLUSTERS = ("auto", "off", "slurm", "ompi", "mpi4py", "k8s", "tpu")
 
 
@@ -143,6 +171,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,6 +358,71 @@ def validate_distributed(d: DistributedConfig) -> None:
                                  f"(seconds; 0 = off)")
 
 
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+REMAT_POLICIES = ("none", "full", "dots", "save_qkv", "save_attn", "names", "offload_attn")
+
+
+def parse_precision_overrides(text: str, where: str = "precision.overrides") -> list[tuple[str, str]]:
+    """"head:fp32,layers.w_*:bf16" -> [("head", "float32"), ("layers.w_*", "bfloat16")] (order kept)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        pattern, _, dtype = item.rpartition(":")
+        _need(bool(pattern) and dtype.strip() in DTYPE_NAMES,
+              f"config field '{where}' = {text!r}: each entry must be pattern:dtype with dtype one of "
+              f"{', '.join(DTYPE_NAMES)}, e.g. head:fp32,layers.w_*:bf16")
+        out.append((pattern.strip(), DTYPE_NAMES[dtype.strip()]))
+    return out
+
+
+def parse_remat(text: str, num_layers: int) -> list[tuple[str, int]]:
+    """"full" -> [("full", L)]; "full:2,none:2" -> consecutive layer segments; counts sum to L."""
+    allowed = ", ".join(REMAT_POLICIES)
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    _need(bool(items), f"config field 'memory.remat' = {text!r}: valid policies are {allowed}")
+    if len(items) == 1 and ":" not in items[0]:
+        items = [f"{items[0]}:{num_layers}"]
+    segments = []
+    for item in items:
+        name, _, count = item.partition(":")
+        _need(name in REMAT_POLICIES and count.isdigit() and int(count) > 0,
+              f"config field 'memory.remat' = {text!r}: expected a policy ({allowed}) or per-layer segments "
+              f"policy:count,... (e.g. full:2,none:2)")
+        segments.append((name, int(count)))
+    total = sum(c for _, c in segments)
+    _need(total == num_layers,
+          f"config field 'memory.remat' = {text!r}: the segments cover {total} layers but model.num_layers = "
+          f"{num_layers}")
+    return segments
+
+
+def validate_precision(p: PrecisionConfig) -> None:
+    _need(p.mode in PRECISION_MODES,
+          f"config field 'precision.mode' = {p.mode!r}: valid values are {', '.join(PRECISION_MODES)}")
+    _need(p.matmul in MATMUL_PRECISIONS,
+          f"config field 'precision.matmul' = {p.matmul!r}: valid values are {', '.join(MATMUL_PRECISIONS)}")
+    parse_precision_overrides(p.overrides)
+    _need(not p.policy_file or Path(p.policy_file).expanduser().is_file(),
+          f"config field 'precision.policy_file' = {p.policy_file!r}: no such file; write one with "
+          f"`picotron-jax precision analyze --config ... --out FILE`")
+    _need(p.loss_scale_init >= 1.0,
+          f"config field 'precision.loss_scale_init' = {p.loss_scale_init}: must be >= 1")
+    _need(p.loss_scale_growth_interval >= 1,
+          f"config field 'precision.loss_scale_growth_interval' = {p.loss_scale_growth_interval}: must be >= 1")
+    _need(p.promote_after >= 0, f"config field 'precision.promote_after' = {p.promote_after}: must be >= 0 (0 = never)")
+
+
+def validate_memory(m: MemoryConfig, num_layers: int) -> None:
+    segments = parse_remat(m.remat, num_layers)
+    names = [x.strip() for x in m.remat_names.split(",") if x.strip()]
+    _need(not any(name == "names" for name, _ in segments) or bool(names),
+          f"config field 'memory.remat_names' = {m.remat_names!r}: memory.remat=names needs the tags to keep, "
+          f"e.g. memory.remat_names=wq,wk,wv,attention")
+    _need(0.0 <= m.fraction < 1.0, f"config field 'memory.fraction' = {m.fraction}: must be in [0, 1) (0 = JAX's default)")
+
+
 def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     """Check every cross-field constraint before any work; returns the resolved mesh sizes."""
     m, t, o = cfg.model, cfg.train, cfg.optimizer
@@ -349,6 +444,9 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
           f"state sharded over data), 3 (parameters too, FSDP)")
     _need(t.dtype in ("float32", "bfloat16"),
           f"config field 'train.dtype' = {t.dtype!r}: valid values are 'float32', 'bfloat16'")
+    _need(t.dtype == "float32" or cfg.precision.mode in ("auto", "bf16"),
+          f"config field 'train.dtype' = {t.dtype!r} contradicts precision.mode = {cfg.precision.mode!r}; "
+          f"set only precision.mode (train.dtype=bfloat16 is the older spelling of precision.mode=bf16)")
     _need(t.grad_accum >= 1, f"config field 'train.grad_accum' = {t.grad_accum}: must be >= 1")
     _need(t.global_batch % t.grad_accum == 0,
           f"config field 'train.global_batch' = {t.global_batch}: must be divisible by train.grad_accum = "
@@ -370,6 +468,8 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")
     _need(cfg.bench.warmup >= 0, f"config field 'bench.warmup' = {cfg.bench.warmup}: must be >= 0")
     validate_distributed(cfg.distributed)
+    validate_precision(cfg.precision)
+    validate_memory(cfg.memory, m.num_layers)
 
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     _need(sizes["pipe"] == 1,

@@ -27,8 +27,10 @@ from picotron_jax.data import TokenDataset, global_batch, prefetch
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import build_mesh, describe, run_devices
 from picotron_jax.observe.flops import flops_per_token, run_peak_flops
+from picotron_jax.observe.memory import device_memory_stats, live_arrays_stats
 from picotron_jax.observe.metrics import MetricsWriter, device_memory_bytes, format_log_line
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train.promotion import promote_overflowing_modules
 from picotron_jax.train.state import StateSetup, TrainState, init_train_state, setup_state
 from picotron_jax.train.step import build_train_step
 
@@ -157,6 +159,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
             f"data {run.dataset.num_tokens:,} tokens ({cfg.data.source}) | peak {peak / 1e9:.1f} GFLOP/s "
             f"({peak_source})"
         )
+        console.print(f"{run.setup.policy.describe()} | remat {cfg.memory.remat}")
 
     say = console.print if is_main else (lambda _message: None)
     ckpt = Checkpointer(default_location(cfg, run_dir), cfg, say=say, log_path=run_dir / "checkpoints.jsonl")
@@ -165,6 +168,9 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
         state, _, where = restore_train_state(resume_from or default_location(cfg, run_dir), run.setup.abstract,
                                               run.setup.shardings, cfg, say, None if resume_from else ckpt.store)
         say(f"resumed from {where} at step {int(state.step)}")
+        if state.loss_scale is not None and (message := promote_overflowing_modules(
+                run, np.asarray(state.loss_scale.module_overflows))):
+            say(message)
     elif init_from_hf:
         from picotron_jax.checkpoint.hf import train_state_from_hf
 
@@ -223,6 +229,11 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                         "memory_bytes": device_memory_bytes(run.devices),
                         "time_s": time.perf_counter() - t_start,
                     }
+                    if "loss_scale" in metrics:  # fp16 (train/precision.py)
+                        row.update(loss_scale=float(metrics["loss_scale"]), skipped_steps=int(metrics["skipped_steps"]))
+                    row.update(device_memory_stats(run.devices))
+                    if cfg.memory.live_arrays:
+                        row.update(live_arrays_stats())
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}")
                     metrics_file.write(row)
@@ -230,6 +241,9 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                     if is_main:
                         progress.console.print(format_log_line(row, total))
                     t_window, window_steps = time.perf_counter(), 0
+                    if "module_overflows" in metrics and (message := promote_overflowing_modules(
+                            run, metrics["module_overflows"])) and is_main:
+                        progress.console.print(message)
                 summary.steps = step + 1
                 if ckpt.should_save(step + 1, last, force=step + 1 == end < total):
                     blocked = ckpt.save(state, {"tokens_seen": (step + 1) * tokens_per_step,

@@ -24,19 +24,27 @@ def _parse(spec: str) -> tuple[str, str, str]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum(spec, x, w), e.g. spec "btd,dhk->bthk" for a query projection."""
-    return jnp.einsum(spec, x, w)
+    """einsum(spec, x, w), e.g. spec "btd,dhk->bthk" for a query projection.
+
+    Computed in the weight's dtype (a module's precision, train/precision.py) and returned in x's
+    dtype (the residual stream's); both casts vanish when the dtypes agree."""
+    return _einsum_in_weight_dtype(spec, x, w)
+
+
+def _einsum_in_weight_dtype(spec, x, w):
+    return jnp.einsum(spec, x.astype(w.dtype), w).astype(x.dtype)
 
 
 def _project_fwd(spec, x, w):
-    return jnp.einsum(spec, x, w), (x, w)
+    return _einsum_in_weight_dtype(spec, x, w), (x, w)
 
 
 def _project_bwd(spec, residuals, dy):
     x, w = residuals
     xs, ws, ys = _parse(spec)
+    dy = dy.astype(w.dtype)
     dx = jnp.einsum(f"{ys},{ws}->{xs}", dy, w)  # [.., in]: dy against the weight
-    dw = jnp.einsum(f"{xs},{ys}->{ws}", x, dy)  # weight layout, contracting over batch and time
+    dw = jnp.einsum(f"{xs},{ys}->{ws}", x.astype(w.dtype), dy)  # weight layout, contracting over batch and time
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

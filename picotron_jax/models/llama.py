@@ -12,11 +12,12 @@ does not grow with depth. Initialisation uses only the seed (one key per paramet
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from picotron_jax.config import ModelConfig
 from picotron_jax.models.attention import apply_rotary, causal_attention, rotary_tables
@@ -69,25 +70,38 @@ def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
     return (x32 * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps) -> jax.Array:
-    """One pre-norm Llama block: x + Attn(norm(x)), then x + SwiGLU(norm(x)). `p` holds one layer."""
-    h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
-    q_BTHK = project("btd,dhk->bthk", h_BTD, p["wq"])
-    k_BTGK = project("btd,dgk->btgk", h_BTD, p["wk"])
-    v_BTGK = project("btd,dgk->btgk", h_BTD, p["wv"])
+def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
+                  attention_dtype=None) -> jax.Array:
+    """One pre-norm Llama block: x + Attn(norm(x)), then x + SwiGLU(norm(x)). `p` holds one layer.
+
+    Module outputs carry `checkpoint_name` tags (the weight's name, and "attention") for the
+    named remat policies of train/remat.py; `attention_dtype` is the attention core's compute dtype
+    when it differs from the stream's (train/precision.py)."""
+    h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps), "attn_norm")
+    q_BTHK = checkpoint_name(project("btd,dhk->bthk", h_BTD, p["wq"]), "wq")
+    k_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wk"]), "wk")
+    v_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wv"]), "wv")
     q_BTHK = ops.constrain(apply_rotary(q_BTHK, cos_TK, sin_TK), ("batch", "seq", "heads", "head_dim"))
     k_BTGK = ops.constrain(apply_rotary(k_BTGK, cos_TK, sin_TK), ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
-    o_BTHK = ops.attention(q_BTHK, k_BTGK, v_BTGK)
-    x_BTD = x_BTD + project("bthk,hkd->btd", o_BTHK, p["wo"])
+    if attention_dtype is not None:
+        q_BTHK, k_BTGK, v_BTGK = (t.astype(attention_dtype) for t in (q_BTHK, k_BTGK, v_BTGK))
+    o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
+    x_BTD = x_BTD + checkpoint_name(project("bthk,hkd->btd", o_BTHK, p["wo"]), "wo")
     x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
-    h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_BTF = project("btd,df->btf", h_BTD, p["w_gate"])
-    up_BTF = project("btd,df->btf", h_BTD, p["w_up"])
+    h_BTD = checkpoint_name(rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps), "mlp_norm")
+    gate_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_gate"]), "w_gate")
+    up_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_up"]), "w_up")
     act_BTF = ops.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    x_BTD = x_BTD + project("btf,fd->btd", act_BTF, p["w_down"])
+    x_BTD = x_BTD + checkpoint_name(project("btf,fd->btd", act_BTF, p["w_down"]), "w_down")
     return ops.constrain(x_BTD, ("batch", "seq", "embed"))
+
+
+def scan_layers(block: Callable, x_BTD: jax.Array, stacked: dict, unroll: int) -> jax.Array:
+    """x -> block(x, layer l's params) for l = 0..L-1, as one scan over the stacked `layers` axis."""
+    x_BTD, _ = jax.lax.scan(lambda x, p: (block(x, p), None), x_BTD, stacked, unroll=unroll)
+    return x_BTD
 
 
 class Llama(nnx.Module):
@@ -124,23 +138,30 @@ class Llama(nnx.Module):
         return self.cfg.tie_embeddings
 
     def hidden_states(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS,
-                      compute_dtype=jnp.float32, positions_T: jax.Array | None = None) -> jax.Array:
+                      compute_dtype=jnp.float32, positions_T: jax.Array | None = None,
+                      module_dtypes: Mapping[str, jnp.dtype] | None = None,
+                      layer_stack: Callable | None = None) -> jax.Array:
         """tokens [B, T] -> final-normed hidden states [B, T, D] (the LM head is applied by the loss).
 
         `positions_T`: the position of each column (default arange(T)); context parallelism passes
-        its zigzag order (parallel/context.py), in which the tokens are then laid out."""
+        its zigzag order (parallel/context.py), in which the tokens are then laid out.
+        `module_dtypes`: compute dtypes of modules that differ from `compute_dtype` ("embed",
+        "layers.wq", "layers.attention", ...; train/precision.py). `layer_stack(block, x, stacked,
+        unroll)`: how the layers are scanned (remat policies, train/remat.py); default a plain scan."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
-        x_BTD = ops.embed(self.embed[...].astype(compute_dtype), tokens_BT)
+        dtype_of = lambda module: (module_dtypes or {}).get(module, compute_dtype)  # noqa: E731
+        x_BTD = ops.embed(self.embed[...].astype(dtype_of("embed")), tokens_BT).astype(compute_dtype)
         x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
         positions_T = jnp.arange(T) if positions_T is None else positions_T
         cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
-        stacked = {name: v[...].astype(compute_dtype) for name, v in self.layers.items()}
+        stacked = {name: v[...].astype(dtype_of(f"layers.{name}")) for name, v in self.layers.items()}
+        attention_dtype = (module_dtypes or {}).get("layers.attention")
 
-        def step(x, layer_params):
-            return decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops), None
+        def block(x, layer_params):
+            return decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
 
-        x_BTD, _ = jax.lax.scan(step, x_BTD, stacked, unroll=min(cfg.scan_unroll, cfg.num_layers))
+        x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
         return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps)
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:

@@ -59,8 +59,9 @@ def format_log_line(row: dict[str, Any], total_steps: int) -> str:
     width = len(str(total_steps))
     mfu = row.get("mfu")
     mfu_text = f"{100 * mfu:5.1f}%" if isinstance(mfu, float) and math.isfinite(mfu) else "  n/a"
+    scale = f" | scale {row['loss_scale']:g} skipped {row['skipped_steps']}" if "loss_scale" in row else ""
     return (
         f"step {row['step']:>{width}}/{total_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
         f"gnorm {row['grad_norm']:.3f} | {row['tokens_per_s']:>9,.0f} tok/s | MFU {mfu_text} | "
-        f"mem {human_bytes(row['memory_bytes'])}"
+        f"mem {human_bytes(row['memory_bytes'])}{scale}"
     )

@@ -20,6 +20,7 @@ from flax import nnx
 from picotron_jax.config import Config
 from picotron_jax.models.llama import Llama
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train import precision as mp
 from picotron_jax.train.optimizer import build_optimizer
 
 
@@ -28,6 +29,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # nested dict of arrays (nnx pure dict)
     opt_state: Any
+    loss_scale: Any = None  # fp16: train/precision.py LossScaleState (scale, skipped steps, overflows); else None
 
 
 @dataclass
@@ -60,18 +62,24 @@ class StateSetup:
     schedule: optax.Schedule
     shardings: TrainState  # a TrainState whose leaves are NamedShardings
     abstract: TrainState  # a TrainState whose leaves are ShapeDtypeStructs
+    policy: mp.PrecisionPolicy | None = None  # dtypes per module; None -> resolved from the config
 
 
-def setup_state(cfg: Config, rules: MeshRules) -> StateSetup:
+def setup_state(cfg: Config, rules: MeshRules, promoted: tuple[str, ...] = ()) -> StateSetup:
+    """`promoted`: modules moved to fp32 after repeated fp16 overflow (train/precision.py)."""
     spec = model_spec(cfg)
     tx, schedule = build_optimizer(cfg)
     param_shardings = rules.param_shardings(spec.logical_axes, spec.shapes)
     abstract_opt = jax.eval_shape(tx.init, spec.shapes)
     opt_shardings = rules.opt_state_shardings(tx, abstract_opt, spec.logical_axes, spec.shapes)
     replicated = rules.named(jax.sharding.PartitionSpec())
-    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=spec.shapes, opt_state=abstract_opt)
-    return StateSetup(spec, tx, schedule, shardings, abstract)
+    policy = mp.resolve_policy(cfg, list(rules.mesh.devices.flat), promoted)
+    abstract_scale = jax.eval_shape(lambda: mp.init_loss_scale(cfg)) if policy.loss_scaling else None
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                           loss_scale=jax.tree.map(lambda _: replicated, abstract_scale))
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=spec.shapes, opt_state=abstract_opt,
+                          loss_scale=abstract_scale)
+    return StateSetup(spec, tx, schedule, shardings, abstract, policy)
 
 
 def init_params(cfg: Config, setup: StateSetup) -> Any:
@@ -85,6 +93,7 @@ def init_train_state(cfg: Config, setup: StateSetup) -> TrainState:
     params = init_params(cfg, setup)
 
     def create(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                          loss_scale=mp.init_loss_scale(cfg) if setup.abstract.loss_scale is not None else None)
 
     return jax.jit(create, out_shardings=setup.shardings)(params)

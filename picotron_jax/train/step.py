@@ -19,23 +19,32 @@ from jax.sharding import PartitionSpec as P
 from picotron_jax.config import Config
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
+from picotron_jax.train import precision as mp
+from picotron_jax.train.remat import make_layer_stack
 from picotron_jax.train.state import StateSetup, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B, T]
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.PrecisionPolicy | None = None,
+                   layer_stack: Callable | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
+    """params, batch -> (objective sum, (nll sum, z sum)); sums over the batch's unmasked tokens.
 
-def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
-    """params, batch -> (objective sum, (nll sum, z sum)); sums over the batch's unmasked tokens."""
-    compute_dtype = COMPUTE_DTYPES[cfg.train.dtype]
+    Dtypes follow the precision policy (train/precision.py), the layer scan the remat policy
+    (or `layer_stack`, e.g. the probes of train/precision_analysis.py)."""
+    policy = policy or mp.resolve_policy(cfg, list(rules.mesh.devices.flat))
+    compute_dtype = jnp.dtype(policy.compute_dtype)
+    module_dtypes = policy.model_dtypes()
+    head_dtype = policy.dtype_of("head")
+    layer_stack = layer_stack or make_layer_stack(cfg)
     z_coef = cfg.train.z_loss
 
     def loss_sums(params, batch):
         model = nnx.merge(graphdef, nnx.State(params))
         batch, positions_T = to_sequence_layout(batch, rules)
-        h_BTD = model.hidden_states(batch["inputs"], rules, compute_dtype, positions_T)
-        head = model.head_weight().astype(compute_dtype)
+        h_BTD = model.hidden_states(batch["inputs"], rules, compute_dtype, positions_T, module_dtypes, layer_stack)
+        h_BTD = h_BTD.astype(head_dtype)
+        head = model.head_weight().astype(head_dtype)
         nll, z = vocab_parallel_cross_entropy(
             rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
         )
@@ -75,16 +84,25 @@ def split_microbatches(batch: Batch, m: int, rules: MeshRules) -> Batch:
 
 
 def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
-    """params, batch -> (metrics dict, mean-token gradients), accumulated over train.grad_accum."""
-    loss_sums = make_loss_sums(cfg, rules, setup.spec.graphdef)
-    grad_of_sums = jax.value_and_grad(loss_sums, has_aux=True)
+    """params, batch[, loss scale] -> (metrics dict, mean-token gradients), accumulated over
+    train.grad_accum. With a loss scale S the backward pass runs on S x (mean-token loss), so that
+    fp16 gradients keep their magnitude, and the gradients are divided by S in fp32."""
+    loss_sums = make_loss_sums(cfg, rules, setup.spec.graphdef, setup.policy)
+
+    def scaled_loss_sums(params, batch, scale):
+        objective, aux = loss_sums(params, batch)
+        return objective if scale is None else objective * scale, aux
+
+    grad_of_sums = jax.value_and_grad(scaled_loss_sums, has_aux=True)
     m = cfg.train.grad_accum
     param_shardings = setup.shardings.params
 
-    def grads_and_metrics(params, batch):
+    def grads_and_metrics(params, batch, scale=None):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
+        denom = jnp.maximum(tokens, 1.0)
+        sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
         if m == 1:
-            (_, (nll, z)), grads = grad_of_sums(params, batch)
+            (_, (nll, z)), grads = grad_of_sums(params, batch, sums_scale)
         else:
             micro = split_microbatches(batch, m, rules)
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -92,13 +110,13 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
 
             def accumulate(carry, mb):
                 g_acc, nll_acc, z_acc = carry
-                (_, (nll, z)), g = grad_of_sums(params, mb)
+                (_, (nll, z)), g = grad_of_sums(params, mb, sums_scale)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 return (g_acc, nll_acc + nll, z_acc + z), None
 
             (grads, nll, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
-        denom = jnp.maximum(tokens, 1.0)
-        grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
+        grad_denom = denom if scale is None else scale
+        grads = jax.tree.map(lambda g: (g / grad_denom).astype(jnp.float32), grads)
         metrics = {"loss": nll / denom, "z_loss": z / denom, "tokens": tokens}
         return metrics, grads
 
@@ -108,14 +126,28 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
 def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
     """Returns jitted (state, batch) -> (state, metrics); the state is donated."""
     grads_and_metrics = make_grad_fn(cfg, rules, setup)
+    matmul_precision = mp.matmul_precision(cfg)
 
     def train_step(state: TrainState, batch: Batch):
-        metrics, grads = grads_and_metrics(state.params, batch)
+        with jax.default_matmul_precision(matmul_precision):
+            return update(state, batch)
+
+    def update(state: TrainState, batch: Batch):
+        scaler = state.loss_scale
+        metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale)
         grads = jax.lax.with_sharding_constraint(grads, setup.shardings.params)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        if scaler is not None:  # fp16: skip the update on non-finite gradients, adjust the scale
+            finite = mp.all_finite(grads)
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+            scaler = mp.update_loss_scale(scaler, finite, mp.overflow_origin(grads),
+                                          cfg.precision.loss_scale_growth_interval)
+            metrics = {**metrics, "loss_scale": scaler.scale, "skipped_steps": scaler.skipped,
+                       "module_overflows": scaler.module_overflows}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=scaler), metrics
 
     replicated = rules.named(P())
     batch_shardings = {k: rules.batch_sharding() for k in ("inputs", "targets", "mask")}
