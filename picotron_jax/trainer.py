@@ -28,6 +28,7 @@ from picotron_jax.mesh import build_mesh, describe, run_devices
 from picotron_jax.observe.flops import flops_per_token, run_peak_flops
 from picotron_jax.observe.metrics import MetricsWriter, device_memory_bytes, format_log_line
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train import moe_aux
 from picotron_jax.train.state import StateSetup, TrainState, init_train_state, setup_state
 from picotron_jax.train.step import build_train_step
 
@@ -208,13 +209,14 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                         "mfu": tps * fpt / peak if peak and math.isfinite(tps) else math.nan,
                         "memory_bytes": device_memory_bytes(run.devices),
                         "time_s": time.perf_counter() - t_start,
+                        **moe_aux.log_fields(cfg, metrics),
                     }
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}")
                     metrics_file.write(row)
                     summary.rows.append(row)
                     if is_main:
-                        progress.console.print(format_log_line(row, total))
+                        progress.console.print(format_log_line(row, total) + moe_aux.log_suffix(row))
                     t_window, window_steps = time.perf_counter(), 0
                 summary.steps = step + 1
                 if ckpt.should_save(step + 1, last):
