@@ -125,11 +125,14 @@ def capacity_masks(experts_BTK, weights_BTK, positions_BTK, num_experts: int, ca
     return dispatch_BTEC, combine_BTEC, kept_BTK
 
 
-def swiglu_experts(x_BECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
-    """Each expert's SwiGLU on its own capacity buffer: [B, E, C, D] -> [B, E, C, D]."""
-    gate = project("becd,edf->becf", x_BECD, w_gate_EDF)
-    up = project("becd,edf->becf", x_BECD, w_up_EDF)
-    return project("becf,efd->becd", jax.nn.silu(gate) * up, w_down_EFD)
+def swiglu_experts(x_BECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, dot=project) -> jax.Array:
+    """Each expert's SwiGLU on its own capacity buffer: [B, E, C, D] -> [B, E, C, D].
+
+    `dot(spec, x, w)`: `project` (fast weight-gradient dots on CPU); inside `shard_map` a variant
+    whose VJP also sums the gradients over the mesh axes autodiff would (parallel/expert.py)."""
+    gate = dot("becd,edf->becf", x_BECD, w_gate_EDF)
+    up = dot("becd,edf->becf", x_BECD, w_up_EDF)
+    return dot("becf,efd->becd", jax.nn.silu(gate) * up, w_down_EFD)
 
 
 # ------------------------------------------------------------------------------ dropless mode
