@@ -81,7 +81,7 @@ def test_grad_accumulation_matches_single_device_with_the_same_microbatches():
 
 @pytest.mark.slow
 def test_capacity_all_to_all_bytes_match_the_dispatch():
-    """Per MoE layer and step, each device sends its [b, E, C, D] buffer through all_to_all twice
+    """Per MoE layer and step, each device sends its [E, b, C, D] buffer through all_to_all twice
     forward (there and back) and twice backward: 4 x b*E*C*D*4 bytes (fp32)."""
     cfg = preset("moe-ep8")
     rules, st = setup(cfg)

@@ -46,8 +46,8 @@ class LocalOps:
     def attention(self, q_BTHK, k_BTGK, v_BTGK):
         return causal_attention(q_BTHK, k_BTGK, v_BTGK)
 
-    def capacity_experts(self, x_BECD, w_gate, w_up, w_down):
-        return moe_math.swiglu_experts(x_BECD, w_gate, w_up, w_down)
+    def capacity_experts(self, x_EBCD, w_gate, w_up, w_down):
+        return moe_math.swiglu_experts(x_EBCD, w_gate, w_up, w_down)
 
     def dropless_experts(self, x_BTD, experts_BTK, w_gate, w_up, w_down):
         return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate, w_up, w_down)

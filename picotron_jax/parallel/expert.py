@@ -8,7 +8,7 @@ their experts and a second one brings the outputs back (GShard, Lepikhin et al. 
 With the MLP width split over `tensor`, each tensor rank computes its slice of every expert and
 the down projection is summed with `psum` over `tensor` (Megatron's row-parallel layer).
 
-Capacity mode sends fixed [b, E, C, D] buffers: split on E, joined on the batch.
+Capacity mode sends fixed [E, b, C, D] buffers: split on E, joined on the batch.
 
 Dropless mode has data-dependent counts. `jax.lax.ragged_all_to_all` would send exactly them,
 but XLA:CPU cannot run it (jaxlib 0.10: "HLO opcode ragged-all-to-all is not supported by
@@ -82,23 +82,23 @@ def _weight_specs(rules: "MeshRules") -> tuple[P, P, P]:
     return P(ep, None, tp), P(ep, None, tp), P(ep, tp, None)
 
 
-def expert_parallel_capacity(rules: "MeshRules", x_BECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
-    """Capacity buffers [B, E, C, D] (batch over data x expert) -> expert outputs, same shape and layout."""
+def expert_parallel_capacity(rules: "MeshRules", x_EBCD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
+    """Capacity buffers [E, B, C, D] (batch over data x expert) -> expert outputs, same shape and layout."""
     ep, tp = rules.mesh.shape[EXPERT], rules.mesh.shape[TENSOR]
-    x_spec = P(_batch_axes(rules), None, None, None)
+    x_spec = P(None, _batch_axes(rules), None, None)
 
-    def local(x_bECD, wg, wu, wd):
-        if ep > 1:  # send expert slice j to rank j: [b, E, C, D] -> [ep * b, E/ep, C, D]
-            x_bECD = jax.lax.all_to_all(x_bECD, EXPERT, split_axis=1, concat_axis=0, tiled=True)
-        y = swiglu_experts(x_bECD, wg, wu, wd, dot=_project_local)
+    def local(x_EbCD, wg, wu, wd):
+        if ep > 1:  # send expert slice j to rank j: [E, b, C, D] -> [E/ep, ep * b, C, D]
+            x_EbCD = jax.lax.all_to_all(x_EbCD, EXPERT, split_axis=0, concat_axis=1, tiled=True)
+        y = swiglu_experts(x_EbCD, wg, wu, wd, dot=_project_local)
         if tp > 1:
             y = jax.lax.psum(y, TENSOR)
-        if ep > 1:  # and back: [ep * b, E/ep, C, D] -> [b, E, C, D]
-            y = jax.lax.all_to_all(y, EXPERT, split_axis=0, concat_axis=1, tiled=True)
+        if ep > 1:  # and back: [E/ep, ep * b, C, D] -> [E, b, C, D]
+            y = jax.lax.all_to_all(y, EXPERT, split_axis=1, concat_axis=0, tiled=True)
         return y
 
     return jax.shard_map(local, mesh=rules.mesh, in_specs=(x_spec, *_weight_specs(rules)), out_specs=x_spec)(
-        x_BECD, w_gate_EDF, w_up_EDF, w_down_EFD
+        x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD
     )
 
 
