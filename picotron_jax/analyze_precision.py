@@ -30,7 +30,7 @@ def add_parser(sub, add_config_args) -> None:
 
 
 def cmd_precision(args, load) -> int:
-    from picotron_jax.checkpoint import Checkpointer
+    from picotron_jax.checkpoint.restore import restore_train_state
     from picotron_jax.train import precision as mp
     from picotron_jax.train.precision_analysis import analyze, write_policy
     from picotron_jax.train.state import init_params
@@ -43,10 +43,14 @@ def cmd_precision(args, load) -> int:
     modules = [m for m in mp.MODULES if any(fnmatch.fnmatch(m, p) for p in patterns)]
     if not modules:
         raise UserError(f"--modules {args.modules!r} matches no module; modules are {', '.join(mp.MODULES)}")
+    if cfg.moe.num_experts:
+        raise UserError(f"precision analyze probes the dense layer stack; this config has MoE layers "
+                        f"(moe.num_experts = {cfg.moe.num_experts}). Analyse its dense variant (moe.num_experts=0)")
     run = prepare_run(cfg)
     mode = args.mode or (run.setup.policy.mode if run.setup.policy.mode != "fp32" else "bf16")
     if args.checkpoint:
-        state = Checkpointer(Path(args.checkpoint), cfg).restore(run.setup.abstract, run.setup.shardings)
+        state, _, _ = restore_train_state(args.checkpoint, run.setup.abstract, run.setup.shardings, cfg,
+                                          lambda message: print(message, file=sys.stderr))
         params, where = state.params, f"checkpoint step {int(state.step)}"
     else:
         params, where = init_params(cfg, run.setup), "initial parameters"

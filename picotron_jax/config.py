@@ -42,6 +42,29 @@ class ModelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (models/moe.py); num_experts = 0 keeps the model dense."""
+
+    num_experts: int = 0  # E; 0 = dense model
+    top_k: int = 2  # experts per token
+    expert_size: int = 0  # MLP width of each expert; 0 -> model.intermediate_size
+    score: str = "softmax"  # router scores: softmax (Switch/GShard) | sigmoid (DeepSeek-V3)
+    normalize_top_k: bool = True  # rescale the k chosen weights to sum to 1
+    shared_experts: int = 0  # always-on experts of expert_size each (DeepSeek), as one wider SwiGLU
+    dispatch: str = "capacity"  # capacity (fixed buffers, overflow dropped) | dropless (sorted + ragged_dot)
+    capacity_factor: float = 1.25  # capacity per expert per sequence = ceil(seq_len * top_k / E * factor)
+    first_dense_layers: int = 0  # the first N layers keep the dense MLP
+    every_n_layers: int = 1  # after those, layers first_dense_layers + i*N are MoE, the others dense
+    aux_loss: float = 0.01  # Switch load-balancing loss coefficient; 0 = off
+    router_z_loss: float = 0.0  # router z-loss coefficient (ST-MoE); 0 = off
+    bias_update_rate: float = 0.0  # aux-loss-free balancing bias step (DeepSeek-V3); 0 = off
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
 class MeshConfig:
     pipe: int = 1
     data: int = -1
@@ -163,6 +186,7 @@ class DistributedConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -495,9 +519,51 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(m.vocab_size % tp == 0,
           f"config field 'model.vocab_size' = {m.vocab_size}: must be divisible by mesh.tensor = {tp} "
           f"(vocabulary-parallel embedding); round it up, e.g. to {math.ceil(m.vocab_size / tp) * tp}")
+    validate_moe(cfg.moe, m, sizes)
+    _need(cfg.moe.num_experts == 0 or cfg.memory.remat == "none",
+          f"config field 'memory.remat' = {cfg.memory.remat!r}: remat policies apply to dense layer stacks; "
+          f"a model with MoE layers (moe.num_experts = {cfg.moe.num_experts}) needs memory.remat=none")
     batch_ways = sizes["data"] * sizes["expert"]
     micro = t.global_batch // t.grad_accum
     _need(micro % batch_ways == 0,
           f"config field 'train.global_batch' = {t.global_batch}: each of the {t.grad_accum} microbatch(es) "
           f"has {micro} sequences, which must be divisible by mesh.data x mesh.expert = {batch_ways}")
     return sizes
+
+
+def validate_moe(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> None:
+    """MoE fields, checked against the model and the resolved mesh sizes."""
+    _need(e.num_experts >= 0, f"config field 'moe.num_experts' = {e.num_experts}: must be >= 0 (0 = dense model)")
+    if not e.enabled:
+        return
+    E, ep, tp = e.num_experts, sizes["expert"], sizes["tensor"]
+    _need(1 <= e.top_k <= E,
+          f"config field 'moe.top_k' = {e.top_k}: must be between 1 and moe.num_experts = {E}")
+    _need(E % ep == 0,
+          f"config field 'moe.num_experts' = {E}: must be divisible by mesh.expert = {ep} (each expert rank "
+          f"holds num_experts / mesh.expert experts)")
+    _need(e.dispatch in ("capacity", "dropless"),
+          f"config field 'moe.dispatch' = {e.dispatch!r}: valid values are 'capacity', 'dropless'")
+    _need(e.dispatch != "capacity" or e.capacity_factor > 0,
+          f"config field 'moe.capacity_factor' = {e.capacity_factor}: must be > 0 in capacity mode "
+          f"(or set moe.dispatch=dropless)")
+    _need(e.score in ("softmax", "sigmoid"),
+          f"config field 'moe.score' = {e.score!r}: valid values are 'softmax', 'sigmoid'")
+    _need(e.expert_size >= 0, f"config field 'moe.expert_size' = {e.expert_size}: must be >= 0 "
+                              f"(0 = model.intermediate_size)")
+    size = e.expert_size or m.intermediate_size
+    _need(size % tp == 0,
+          f"config field 'moe.expert_size' = {size}: must be divisible by mesh.tensor = {tp}")
+    _need(e.shared_experts >= 0, f"config field 'moe.shared_experts' = {e.shared_experts}: must be >= 0")
+    _need(0 <= e.first_dense_layers < m.num_layers,
+          f"config field 'moe.first_dense_layers' = {e.first_dense_layers}: must be in [0, model.num_layers = "
+          f"{m.num_layers})")
+    _need(e.every_n_layers >= 1, f"config field 'moe.every_n_layers' = {e.every_n_layers}: must be >= 1")
+    rest = m.num_layers - e.first_dense_layers
+    _need(rest % e.every_n_layers == 0,
+          f"config field 'moe.every_n_layers' = {e.every_n_layers}: must divide model.num_layers - "
+          f"moe.first_dense_layers = {rest} (the layers after the dense ones repeat [MoE, dense x (N-1)])")
+    for name in ("aux_loss", "router_z_loss", "bias_update_rate"):
+        value = getattr(e, name)
+        _need(value >= 0, f"config field 'moe.{name}' = {value}: must be >= 0 (0 = off)")
+    _need(sizes["pipe"] == 1, "MoE layers do not compose with mesh.pipe > 1 yet; set mesh.pipe=1")

@@ -30,6 +30,7 @@ from picotron_jax.observe.flops import flops_per_token, run_peak_flops
 from picotron_jax.observe.memory import device_memory_stats, live_arrays_stats
 from picotron_jax.observe.metrics import MetricsWriter, device_memory_bytes, format_log_line
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.train import moe_aux
 from picotron_jax.train.promotion import promote_overflowing_modules
 from picotron_jax.train.state import StateSetup, TrainState, init_train_state, setup_state
 from picotron_jax.train.step import build_train_step
@@ -228,6 +229,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                         "mfu": tps * fpt / peak if peak and math.isfinite(tps) else math.nan,
                         "memory_bytes": device_memory_bytes(run.devices),
                         "time_s": time.perf_counter() - t_start,
+                        **moe_aux.log_fields(cfg, metrics),
                     }
                     if "loss_scale" in metrics:  # fp16 (train/precision.py)
                         row.update(loss_scale=float(metrics["loss_scale"]), skipped_steps=int(metrics["skipped_steps"]))
@@ -239,7 +241,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                     metrics_file.write(row)
                     summary.rows.append(row)
                     if is_main:
-                        progress.console.print(format_log_line(row, total))
+                        progress.console.print(format_log_line(row, total) + moe_aux.log_suffix(row))
                     t_window, window_steps = time.perf_counter(), 0
                     if "module_overflows" in metrics and (message := promote_overflowing_modules(
                             run, metrics["module_overflows"])) and is_main:

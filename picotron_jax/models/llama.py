@@ -19,9 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from picotron_jax.config import ModelConfig
+from picotron_jax.config import ModelConfig, MoEConfig
+from picotron_jax.models import moe as moe_math
 from picotron_jax.models.attention import apply_rotary, causal_attention, rotary_tables
 from picotron_jax.models.linear import project
+from picotron_jax.models.moe_layers import DENSE_MLP_PARAMS, init_moe_params, moe_plan, run_mixed_stack
 
 
 class ParallelOps(Protocol):
@@ -44,6 +46,12 @@ class LocalOps:
 
     def attention(self, q_BTHK, k_BTGK, v_BTGK):
         return causal_attention(q_BTHK, k_BTGK, v_BTGK)
+
+    def capacity_experts(self, x_EBCD, w_gate, w_up, w_down):
+        return moe_math.swiglu_experts(x_EBCD, w_gate, w_up, w_down)
+
+    def dropless_experts(self, x_BTD, experts_BTK, w_gate, w_up, w_down):
+        return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate, w_up, w_down)
 
 
 LOCAL_OPS = LocalOps()
@@ -77,6 +85,12 @@ def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, o
     Module outputs carry `checkpoint_name` tags (the weight's name, and "attention") for the
     named remat policies of train/remat.py; `attention_dtype` is the attention core's compute dtype
     when it differs from the stream's (train/precision.py)."""
+    return dense_mlp_residual(p, attention_residual(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype), cfg, ops)
+
+
+def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
+                       attention_dtype=None) -> jax.Array:
+    """x + Attn(norm(x))."""
     h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps), "attn_norm")
     q_BTHK = checkpoint_name(project("btd,dhk->bthk", h_BTD, p["wq"]), "wq")
     k_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wk"]), "wk")
@@ -88,8 +102,11 @@ def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, o
         q_BTHK, k_BTGK, v_BTGK = (t.astype(attention_dtype) for t in (q_BTHK, k_BTGK, v_BTGK))
     o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
     x_BTD = x_BTD + checkpoint_name(project("bthk,hkd->btd", o_BTHK, p["wo"]), "wo")
-    x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
+    return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
+
+def dense_mlp_residual(p: dict, x_BTD: jax.Array, cfg: ModelConfig, ops: ParallelOps) -> jax.Array:
+    """x + SwiGLU(norm(x))."""
     h_BTD = checkpoint_name(rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps), "mlp_norm")
     gate_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_gate"]), "w_gate")
     up_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_up"]), "w_up")
@@ -105,8 +122,10 @@ def scan_layers(block: Callable, x_BTD: jax.Array, stacked: dict, unroll: int) -
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: MoEConfig | None = None):
         self.cfg = cfg
+        self.moe_cfg = moe if moe is not None and moe.enabled else None
+        self.moe_plan = plan = moe_plan(cfg, moe)  # None: a dense model (every layer a SwiGLU MLP)
         L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         H, G, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.vocab_size
 
@@ -116,6 +135,10 @@ class Llama(nnx.Module):
         layers = {}
         for name, (axes, shape_fn) in LAYER_PARAMS.items():
             shape = shape_fn(L, D, F, H, G, K)
+            if plan is not None and name in DENSE_MLP_PARAMS:  # MoE model: dense MLPs of dense layers only
+                if plan.num_dense == 0:
+                    continue
+                shape = (plan.num_dense, *shape[1:])
             if name.endswith("norm"):
                 value = jnp.ones(shape, param_dtype)
             else:
@@ -123,6 +146,8 @@ class Llama(nnx.Module):
                 value = std * jax.random.normal(rngs.params(), shape, param_dtype)
             layers[name] = nnx.Param(value, logical_axes=axes)
         self.layers = nnx.Dict(layers)
+        if plan is not None:
+            self.moe = nnx.Dict(init_moe_params(cfg, self.moe_cfg, plan, rngs, param_dtype))
         self.final_norm = nnx.Param(jnp.ones((D,), param_dtype), logical_axes=("embed",))
         if not cfg.tie_embeddings:  # [D, V], input-first like every projection
             self.lm_head = nnx.Param(
@@ -148,6 +173,15 @@ class Llama(nnx.Module):
         `module_dtypes`: compute dtypes of modules that differ from `compute_dtype` ("embed",
         "layers.wq", "layers.attention", ...; train/precision.py). `layer_stack(block, x, stacked,
         unroll)`: how the layers are scanned (remat policies, train/remat.py); default a plain scan."""
+        return self.hidden_states_and_moe_stats(tokens_BT, ops, compute_dtype, positions_T, module_dtypes,
+                                                layer_stack)[0]
+
+    def hidden_states_and_moe_stats(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS,
+                                    compute_dtype=jnp.float32, positions_T: jax.Array | None = None,
+                                    module_dtypes: Mapping[str, jnp.dtype] | None = None,
+                                    layer_stack: Callable | None = None):
+        """As `hidden_states`, plus the MoE layers' stats (dict of [L_moe, ...], models/moe.py; None if dense).
+        MoE models scan their mixed stack themselves (models/moe_layers.py); `layer_stack` is for dense ones."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
         dtype_of = lambda module: (module_dtypes or {}).get(module, compute_dtype)  # noqa: E731
@@ -161,8 +195,19 @@ class Llama(nnx.Module):
         def block(x, layer_params):
             return decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
 
-        x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
-        return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps)
+        if self.moe_plan is None:
+            x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
+            return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), None
+
+        def moe_block(p, p_moe, x):
+            x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
+            y, stats = moe_math.moe_ffn(p_moe, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), self.moe_cfg, ops)
+            return ops.constrain(x + y, ("batch", "seq", "embed")), stats
+
+        moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype) for k, v in self.moe.items()}
+        x_BTD, stats = run_mixed_stack(stacked, moe_params, x_BTD, self.moe_plan,
+                                       lambda p, x: block(x, p), moe_block, cfg.scan_unroll)
+        return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), stats
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (full logits: for inference and inspection)."""

@@ -125,6 +125,18 @@ class MeshRules:
 
         return context_attention(self, q_BTHK, k_BTGK, v_BTGK)
 
+    def capacity_experts(self, x_EBCD, w_gate, w_up, w_down):
+        """MoE capacity buffers through their experts, experts split over `expert` (parallel/expert.py)."""
+        from picotron_jax.parallel.expert import expert_parallel_capacity
+
+        return expert_parallel_capacity(self, x_EBCD, w_gate, w_up, w_down)
+
+    def dropless_experts(self, x_BTD, experts_BTK, w_gate, w_up, w_down):
+        """MoE token copies through their experts without drops (parallel/expert.py)."""
+        from picotron_jax.parallel.expert import expert_parallel_dropless
+
+        return expert_parallel_dropless(self, x_BTD, experts_BTK, w_gate, w_up, w_down)
+
     def sequence_order(self, seq_len: int):
         """Natural position of each sequence column in this layout (numpy; arange unless zigzag)."""
         from picotron_jax.parallel.context import sequence_order

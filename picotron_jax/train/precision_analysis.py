@@ -106,7 +106,7 @@ def make_probed_grads(cfg: Config, rules: MeshRules, setup: StateSetup, policy: 
     def loss(params, probes, batch, scale):
         record: dict = {}
         sums = make_loss_sums(cfg, rules, setup.spec.graphdef, policy, probed_layer_stack(probes, record))
-        objective, (nll, _) = sums(params, batch)
+        objective, (nll, *_) = sums(params, batch)
         tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
         return objective * scale / tokens, (nll / tokens, record["outputs"])
 

@@ -45,7 +45,7 @@ class ModelSpec:
 
 
 def model_spec(cfg: Config) -> ModelSpec:
-    abstract = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    abstract = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed), moe=cfg.moe))
     graphdef, state = nnx.split(abstract)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     axes = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), state, is_leaf=is_var)
@@ -84,7 +84,7 @@ def setup_state(cfg: Config, rules: MeshRules, promoted: tuple[str, ...] = ()) -
 
 def init_params(cfg: Config, setup: StateSetup) -> Any:
     def create():
-        return nnx.to_pure_dict(nnx.split(Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))[1])
+        return nnx.to_pure_dict(nnx.split(Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed), moe=cfg.moe))[1])
 
     return jax.jit(create, out_shardings=setup.shardings.params)()
 

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from picotron_jax.config import Config
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
+from picotron_jax.train import moe_aux
 from picotron_jax.train import precision as mp
 from picotron_jax.train.remat import make_layer_stack
 from picotron_jax.train.state import StateSetup, TrainState
@@ -28,10 +29,11 @@ Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B,
 
 def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.PrecisionPolicy | None = None,
                    layer_stack: Callable | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
-    """params, batch -> (objective sum, (nll sum, z sum)); sums over the batch's unmasked tokens.
+    """params, batch -> (objective sum, (nll sum, z sum, MoE stats)); sums over the batch's unmasked tokens.
 
     Dtypes follow the precision policy (train/precision.py), the layer scan the remat policy
-    (or `layer_stack`, e.g. the probes of train/precision_analysis.py)."""
+    (or `layer_stack`, e.g. the probes of train/precision_analysis.py). The third aux output holds
+    the MoE stats (None for a dense model), weighted by tokens (train/moe_aux.py)."""
     policy = policy or mp.resolve_policy(cfg, list(rules.mesh.devices.flat))
     compute_dtype = jnp.dtype(policy.compute_dtype)
     module_dtypes = policy.model_dtypes()
@@ -42,13 +44,15 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.Prec
     def loss_sums(params, batch):
         model = nnx.merge(graphdef, nnx.State(params))
         batch, positions_T = to_sequence_layout(batch, rules)
-        h_BTD = model.hidden_states(batch["inputs"], rules, compute_dtype, positions_T, module_dtypes, layer_stack)
+        h_BTD, moe_stats = model.hidden_states_and_moe_stats(batch["inputs"], rules, compute_dtype, positions_T,
+                                                             module_dtypes, layer_stack)
         h_BTD = h_BTD.astype(head_dtype)
         head = model.head_weight().astype(head_dtype)
         nll, z = vocab_parallel_cross_entropy(
             rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
         )
-        return nll + z_coef * z, (nll, z)
+        moe_stats = moe_aux.token_weighted(moe_stats, jnp.sum(batch["mask"].astype(jnp.float32)))
+        return nll + z_coef * z + moe_aux.balancing_objective(cfg.moe, moe_stats), (nll, z, moe_stats)
 
     return loss_sums
 
@@ -102,22 +106,24 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
         denom = jnp.maximum(tokens, 1.0)
         sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
         if m == 1:
-            (_, (nll, z)), grads = grad_of_sums(params, batch, sums_scale)
+            (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale)
         else:
             micro = split_microbatches(batch, m, rules)
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
 
             def accumulate(carry, mb):
-                g_acc, nll_acc, z_acc = carry
-                (_, (nll, z)), g = grad_of_sums(params, mb, sums_scale)
+                g_acc, nll_acc, z_acc, moe_acc = carry
+                (_, (nll, z, moe)), g = grad_of_sums(params, mb, sums_scale)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (g_acc, nll_acc + nll, z_acc + z), None
+                return (g_acc, nll_acc + nll, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe)), None
 
-            (grads, nll, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+            moe_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale)[0][1][2]
+            moe0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
+            (grads, nll, z, moe), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, moe0), micro)
         grad_denom = denom if scale is None else scale
         grads = jax.tree.map(lambda g: (g / grad_denom).astype(jnp.float32), grads)
-        metrics = {"loss": nll / denom, "z_loss": z / denom, "tokens": tokens}
+        metrics = {"loss": nll / denom, "z_loss": z / denom, "tokens": tokens, **moe_aux.step_metrics(moe, denom)}
         return metrics, grads
 
     return grads_and_metrics
@@ -138,6 +144,7 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
         grads = jax.lax.with_sharding_constraint(grads, setup.shardings.params)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params = moe_aux.update_router_bias(cfg.moe, state.params, params, metrics)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
         if scaler is not None:  # fp16: skip the update on non-finite gradients, adjust the scale
             finite = mp.all_finite(grads)
