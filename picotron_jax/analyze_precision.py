@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from pathlib import Path
 
 from picotron_jax.errors import UserError
 

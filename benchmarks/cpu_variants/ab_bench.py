@@ -1,9 +1,8 @@
 """Usage: python bench.py 'name:key=val,key=val' ... [--reps R] [--k K]
 Interleaves variants (A/B/A/B...), plus 2048^2 and 4096^2 matmul peaks each round."""
-import sys, time, json, statistics as st
-import jax, jax.numpy as jnp
+import sys, time, statistics as st
+import jax
 from variants_model import Cfg, make_step, init_state, batch, flops_per_token
-from dataclasses import replace
 
 def parse(spec):
     name, _, kv = spec.partition(':')

@@ -1,6 +1,6 @@
 """One-file JAX Llama (bench-32m) with perf knobs. Pure functions over a params pytree."""
 import math, functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import jax, jax.numpy as jnp, optax
 
 @dataclass(frozen=True)
