@@ -33,6 +33,10 @@ class ParallelOps(Protocol):
     def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
         """Causal attention over the whole sequence (a ring over `context` when it is split)."""
 
+    def sum_partials(self, y_BTD: jax.Array) -> jax.Array:
+        """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
+        row-parallel all-reduce). The identity where the compiler inserts the sum (auto sharding)."""
+
 
 class LocalOps:
     def constrain(self, x, axes):
@@ -43,6 +47,9 @@ class LocalOps:
 
     def attention(self, q_BTHK, k_BTGK, v_BTGK):
         return causal_attention(q_BTHK, k_BTGK, v_BTGK)
+
+    def sum_partials(self, y_BTD):
+        return y_BTD
 
 
 LOCAL_OPS = LocalOps()
@@ -79,15 +86,26 @@ def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, o
     k_BTGK = ops.constrain(apply_rotary(k_BTGK, cos_TK, sin_TK), ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
     o_BTHK = ops.attention(q_BTHK, k_BTGK, v_BTGK)
-    x_BTD = x_BTD + project("bthk,hkd->btd", o_BTHK, p["wo"])
+    x_BTD = x_BTD + ops.sum_partials(project("bthk,hkd->btd", o_BTHK, p["wo"]))
     x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
     h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
     gate_BTF = project("btd,df->btf", h_BTD, p["w_gate"])
     up_BTF = project("btd,df->btf", h_BTD, p["w_up"])
     act_BTF = ops.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    x_BTD = x_BTD + project("btf,fd->btd", act_BTF, p["w_down"])
+    x_BTD = x_BTD + ops.sum_partials(project("btf,fd->btd", act_BTF, p["w_down"]))
     return ops.constrain(x_BTD, ("batch", "seq", "embed"))
+
+
+def decoder_layers(stacked: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps) -> jax.Array:
+    """Run the layers stacked on the leading axis of every array in `stacked` ([L', ...]) in order."""
+
+    def step(x, layer_params):
+        return decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops), None
+
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    x_BTD, _ = jax.lax.scan(step, x_BTD, stacked, unroll=min(cfg.scan_unroll, num_layers))
+    return x_BTD
 
 
 class Llama(nnx.Module):
@@ -136,11 +154,7 @@ class Llama(nnx.Module):
         positions_T = jnp.arange(T) if positions_T is None else positions_T
         cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
         stacked = {name: v[...].astype(compute_dtype) for name, v in self.layers.items()}
-
-        def step(x, layer_params):
-            return decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops), None
-
-        x_BTD, _ = jax.lax.scan(step, x_BTD, stacked, unroll=min(cfg.scan_unroll, cfg.num_layers))
+        x_BTD = decoder_layers(stacked, x_BTD, cos_TK, sin_TK, cfg, ops)
         return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps)
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:

@@ -27,7 +27,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
-    "layers": (),
+    "layers": ("pipe",),  # pipeline stages hold consecutive layers (parallel/pipeline.py)
     "experts": ("expert",),
     "stage": ("pipe",),
 }
@@ -124,6 +124,10 @@ class MeshRules:
         from picotron_jax.parallel.context import context_attention
 
         return context_attention(self, q_BTHK, k_BTGK, v_BTGK)
+
+    def sum_partials(self, y: jax.Array) -> jax.Array:
+        """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
+        return y
 
     def sequence_order(self, seq_len: int):
         """Natural position of each sequence column in this layout (numpy; arange unless zigzag)."""

@@ -80,10 +80,17 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     grad_of_sums = jax.value_and_grad(loss_sums, has_aux=True)
     m = cfg.train.grad_accum
     param_shardings = setup.shardings.params
+    pipelined = None
+    if rules.mesh.shape["pipe"] > 1:  # parallel/pipeline.py: the microbatches flow through the pipe stages
+        from picotron_jax.parallel.pipeline import pipeline_loss_and_grads
+
+        pipelined = pipeline_loss_and_grads(cfg, rules, setup.spec)
 
     def grads_and_metrics(params, batch):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
-        if m == 1:
+        if pipelined is not None:
+            nll, z, grads = pipelined(params, split_microbatches(batch, cfg.pipeline.microbatches, rules))
+        elif m == 1:
             (_, (nll, z)), grads = grad_of_sums(params, batch)
         else:
             micro = split_microbatches(batch, m, rules)
