@@ -47,7 +47,7 @@ def main() -> None:
             "schedule": schedule, "pipe": sizes["pipe"], "microbatches": sched.m, "virtual_stages": sched.v,
             "bubble_counted": round(sched.bubble_fraction(), 4),
             "bubble_analytic": round(sched.analytic_bubble_fraction(), 4),
-            "max_stored_inputs": max(sched.max_in_flight()),
+            "max_in_flight": max(sched.max_in_flight()),
             **compiled_memory(compiled),
         }), flush=True)
 

@@ -152,6 +152,16 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
             f"data {run.dataset.num_tokens:,} tokens ({cfg.data.source}) | peak {peak / 1e9:.1f} GFLOP/s "
             f"({peak_source})"
         )
+        if run.mesh.shape["pipe"] > 1:
+            from picotron_jax.parallel.pipeline_schedule import schedule_of_config, schedule_report
+
+            pr = schedule_report(schedule_of_config(cfg, run.mesh.shape["pipe"]))
+            console.print(
+                f"pipeline {pr['schedule']}: {pr['pipe']} ranks x {pr['virtual_stages']} chunk(s), "
+                f"{pr['microbatches']} microbatches, {pr['slots']} slots | bubble {pr['bubble_counted']:.3f} "
+                f"counted, {pr['bubble_analytic']:.3f} analytic | at most {pr['max_in_flight']} microbatch(-chunk)s "
+                f"in flight per rank"
+            )
 
     ckpt = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg)
     if resume:

@@ -258,7 +258,30 @@ def render(s: Schedule) -> str:
         lines.append(f"rank {r} " + " ".join(f"{cells[t][r]:>{width}}" for t in range(s.num_slots)))
     lines.append(
         f"bubble {s.bubble_fraction():.3f} counted ({s.time_units()} time units, {2 * s.m * s.v} busy per rank), "
-        f"{s.analytic_bubble_fraction():.3f} analytic; stored stage inputs per rank at most "
-        f"{max(s.max_in_flight())}"
+        f"{s.analytic_bubble_fraction():.3f} analytic; at most {max(s.max_in_flight())} microbatch-chunks in flight "
+        f"(forwarded, not yet backwarded) per rank"
     )
     return "\n".join(lines)
+
+
+def schedule_of_config(cfg, pipe: int | None = None) -> Schedule:
+    """The schedule a run config produces (`pipe`: the resolved mesh.pipe; default the config's)."""
+    from picotron_jax.config import validate_pipeline
+    from picotron_jax.errors import UserError
+
+    pipe = cfg.mesh.pipe if pipe is None else pipe
+    if pipe < 2:
+        raise UserError(f"config field 'mesh.pipe' = {pipe}: a pipeline schedule needs mesh.pipe >= 2 "
+                        f"(and pipeline.schedule = afab, 1f1b or interleaved)")
+    validate_pipeline(cfg, pipe)
+    pc = cfg.pipeline
+    return build_schedule(pc.schedule, pipe, pc.microbatches, pc.virtual_stages)
+
+
+def schedule_report(s: Schedule) -> dict:
+    """Bubble and memory bound of a schedule, for the train log and `picotron-jax bench`."""
+    return {
+        "schedule": s.kind, "pipe": s.p, "microbatches": s.m, "virtual_stages": s.v, "slots": s.num_slots,
+        "bubble_counted": s.bubble_fraction(), "bubble_analytic": s.analytic_bubble_fraction(),
+        "max_in_flight": max(s.max_in_flight()),
+    }
