@@ -174,3 +174,30 @@ def test_1f1b_needs_at_most_half_the_activation_memory_of_afab():
     afab = step_temp_bytes(preset("pp4-1f1b", *overrides, "pipeline.schedule=afab"))
     one = step_temp_bytes(preset("pp4-1f1b", *overrides))
     assert one <= afab / 2, (one, afab)
+
+
+@pytest.mark.parametrize("schedule", ["afab", "1f1b"])
+def test_program_size_does_not_grow_with_microbatches(schedule):
+    """One scan step per slot: the traced program is the same for m = 2 and m = 8 (only the tables grow).
+    The microbatch size stays 4 sequences, so only m changes."""
+    sizes = []
+    for m in (2, 8):
+        cfg = preset("pp2-afab", f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}", "mesh.data=2",
+                     "mesh.num_devices=4", f"train.global_batch={4 * m}")
+        rules, st = setup(cfg)
+        jaxpr = jax.make_jaxpr(build_grad_fn(cfg, rules, st))(st.abstract.params, synthetic_batch(cfg, 0))
+        sizes.append(count_equations(jaxpr.jaxpr))
+    assert sizes[0] == sizes[1]
+
+
+def count_equations(jaxpr) -> int:
+    """Equations of a jaxpr, including those of the jaxprs nested in scan, cond, shard_map, ..."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += count_equations(inner)
+    return total
