@@ -194,11 +194,12 @@ def _afab(st: _Stage, params: dict):
     """GPipe: scan the forward slots, then `jax.grad` runs the backwards in reverse (all residuals kept)."""
     s = st.sched
     last_f = max(t for t in range(s.num_slots) if any(w is not None for w in s.forward[t]))
-    xs = {k: st.tables[k][: last_f + 1] for k in ("f_on", "f_chunk", "f_mb", "f_first", "f_last")}
+    xs = {k: st.tables[k][: last_f + 1] for k in ("f_on", "f_mb", "f_first", "f_last")}
     p = s.p
 
     def objective(params):
         zero = st.zero()
+        stage_params = {k: a[0] for k, a in params["layers"].items()}  # v = 1: one chunk per rank
 
         def slot(carry, xs_t):
             x_recv, nll, z = carry
@@ -207,7 +208,7 @@ def _afab(st: _Stage, params: dict):
 
             def forward(x_recv):
                 x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: x_recv)
-                y = st.stage_forward(_chunk(params["layers"], row["f_chunk"]), x)
+                y = st.stage_forward(stage_params, x)
 
                 def loss(y):
                     _, (nll, z) = st.head_loss(params["final_norm"], params[st.head_key], y, i)
