@@ -5,8 +5,8 @@ pipe rank r as its chunk c (v = 1 except for the interleaved schedule). The embe
 first stage's work, final norm + LM head + loss the last stage's. The schedule is a table
 computed in Python (`pipeline_schedule.py`); here one `jax.lax.scan` step runs one time slot
 inside a `shard_map` that is manual over every mesh axis. Each rank reads its row of the table
-(`axis_index('pipe')`) and runs the forward (F) and/or backward (B) it names under `lax.cond`,
-so idle slots cost nothing; at the end of every slot activations move to rank r+1 and
+(`axis_index('pipe')`) and runs the forward (F) or backward (B) it names under `lax.cond`, so
+idle slots cost nothing; at the end of every slot activations move to rank r+1 and
 input-gradients to rank r-1 with `ppermute` (a ring, so interleaved chunks wrap around).
 Compile time does not grow with m: the scan body is traced once.
 
@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from picotron_jax.config import Config
 from picotron_jax.models.attention import causal_attention, rotary_tables
 from picotron_jax.models.llama import decoder_layers, rms_norm
-from picotron_jax.parallel.pipeline_schedule import Schedule, build_schedule
+from picotron_jax.parallel.pipeline_schedule import Schedule, schedule_of_config
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_spec
 from picotron_jax.parallel.vocab import _local_xent, local_vocab_embed
 
@@ -76,11 +76,6 @@ def _zeros_like(x: jax.Array, dtype=F32) -> jax.Array:
     return _vary(jnp.zeros(x.shape, dtype), tuple(jax.typeof(x).mat.varying))
 
 
-def schedule_for(cfg: Config, pipe: int) -> Schedule:
-    pc = cfg.pipeline
-    return build_schedule(pc.schedule, pipe, pc.microbatches, pc.virtual_stages)
-
-
 def _param_specs(rules: MeshRules, logical_axes: Any, shapes: Any) -> Any:
     """shard_map specs: layer params reshaped to [v, p, L/(p·v), ...] with p over `pipe`; all params
     split over `tensor` by the logical rules, replicated over `data` (no ZeRO inside the stage)."""
@@ -104,7 +99,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec) -> Callable:
     Sums over all unmasked tokens, like train/step.py's loss_sums; the caller divides."""
     mesh, mc = rules.mesh, cfg.model
     p = mesh.shape[PIPE]
-    sched = schedule_for(cfg, p)
+    sched = schedule_of_config(cfg, p)
     v, L = sched.v, mc.num_layers
     Lc = L // (p * v)
     cd = jnp.dtype(cfg.train.dtype)

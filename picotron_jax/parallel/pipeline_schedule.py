@@ -7,20 +7,21 @@ these tables.
 Model: p pipe ranks, m microbatches, v chunks ("virtual stages") per rank. Global stage
 s = c·p + r runs chunk c on rank r, so the n = p·v stages form a ring that visits every rank
 v times (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters
-Using Megatron-LM", section 2.2). In one slot a rank may run one F and one B (the fused 1F1B
-steady state). The F of stage s needs the output of stage s-1 from an earlier slot; the B of
-stage s needs the input-gradient of stage s+1 from an earlier slot, except on the last stage,
-whose F computes the loss and whose B may follow it in the same slot.
+Using Megatron-LM", section 2.2). In one time slot a rank runs one F or one B of one
+(chunk, microbatch). Each rank follows its program (Megatron-LM's order: warm-up forwards, then
+one forward / one backward, then cool-down backwards) and runs its next op as soon as its input
+is there: the F of stage s needs the output of stage s-1 from an earlier slot, the B of stage s
+the input-gradient of stage s+1 from an earlier slot (the last stage: its own F).
 
 - `afab` (GPipe, Huang et al. 2019): every forward, then every backward.
-- `1f1b` (PipeDream-Flush, Narayanan et al. 2019): rank r holds at most p - r microbatches
-  between their F and their B, so stored activations are bounded by p, not m.
-- `interleaved`: 1F1B over v chunks per rank, microbatches in groups of p (Megatron's order);
-  rank r runs at most 2(p - r - 1) + (v - 1)p + 1 chunk-forwards ahead of its backwards.
+- `1f1b` (PipeDream-Flush, Narayanan et al. 2019): p - r - 1 warm-up forwards on rank r, so it
+  holds at most p - r microbatches between their F and their B: memory bounded by p, not m.
+- `interleaved`: 1F1B over v chunks per rank, microbatches in groups of p (m % p == 0), with
+  2(p - r - 1) + (v - 1)p warm-up chunk-forwards.
 
-Bubble: a slot lasts as long as its busiest rank (one unit per F or B, the analytic model of
-the papers), and the bubble fraction is the idle share of all ranks' time. The analytic values
-are (p-1)/(m+p-1) for AFAB and 1F1B and (p-1)/(v·m+p-1) for interleaved.
+Bubble: one time unit per F or B (the analytic model of the papers); the bubble fraction is the
+idle share of all ranks' slots. The analytic values are (p-1)/(m+p-1) for AFAB and 1F1B and
+(p-1)/(v·m+p-1) for interleaved.
 """
 
 from __future__ import annotations
@@ -60,17 +61,13 @@ class Schedule:
     def stage(self, rank: int, chunk: int) -> int:
         return chunk * self.p + rank
 
-    def time_units(self) -> int:
-        """Length of the schedule: each slot lasts as long as its busiest rank (F = B = 1 unit)."""
-        return sum(
-            max((f is not None) + (b is not None) for f, b in zip(self.forward[t], self.backward[t]))
-            for t in range(self.num_slots)
-        )
+    def idle_slots(self) -> int:
+        """Rank-slots with neither an F nor a B."""
+        return sum(f is None and b is None for fs, bs in zip(self.forward, self.backward) for f, b in zip(fs, bs))
 
     def bubble_fraction(self) -> float:
-        """Idle share of all ranks' time, counted from the executed table."""
-        busy = 2 * self.m * self.v  # per rank: one F and one B per (chunk, microbatch)
-        return 1.0 - busy / self.time_units()
+        """Idle rank-slots / all rank-slots, counted from the executed table."""
+        return self.idle_slots() / (self.num_slots * self.p)
 
     def analytic_bubble_fraction(self) -> float:
         v = self.v if self.kind == "interleaved" else 1
@@ -257,7 +254,7 @@ def render(s: Schedule) -> str:
     for r in range(s.p):
         lines.append(f"rank {r} " + " ".join(f"{cells[t][r]:>{width}}" for t in range(s.num_slots)))
     lines.append(
-        f"bubble {s.bubble_fraction():.3f} counted ({s.time_units()} time units, {2 * s.m * s.v} busy per rank), "
+        f"bubble {s.bubble_fraction():.3f} counted ({s.idle_slots()} of {s.num_slots * s.p} rank-slots idle), "
         f"{s.analytic_bubble_fraction():.3f} analytic; at most {max(s.max_in_flight())} microbatch-chunks in flight "
         f"(forwarded, not yet backwarded) per rank"
     )
