@@ -267,6 +267,9 @@ def schedule_of_config(cfg, pipe: int | None = None) -> Schedule:
     from picotron_jax.errors import UserError
 
     pipe = cfg.mesh.pipe if pipe is None else pipe
+    if pipe == -1:
+        raise UserError("config field 'mesh.pipe' = -1 (fill): give the number of pipeline stages to print "
+                        "their schedule, e.g. mesh.pipe=4")
     if pipe < 2:
         raise UserError(f"config field 'mesh.pipe' = {pipe}: a pipeline schedule needs mesh.pipe >= 2 "
                         f"(and pipeline.schedule = afab, 1f1b or interleaved)")
