@@ -85,7 +85,17 @@ def bench_step(cfg: Config) -> dict:
         "tokens_per_step": tokens_per_step,
         "jax": jax.__version__,
         "host": platform.node(),
+        "pipeline": _pipeline_report(cfg, run.mesh.shape["pipe"]),
     }
+
+
+def _pipeline_report(cfg: Config, pipe: int) -> dict | None:
+    """Schedule, bubble fraction (counted and analytic) and stored-input bound; None without a pipeline."""
+    if pipe == 1:
+        return None
+    from picotron_jax.parallel.pipeline_schedule import schedule_of_config, schedule_report
+
+    return schedule_report(schedule_of_config(cfg, pipe))
 
 
 def bench_peak() -> dict:

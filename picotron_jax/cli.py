@@ -1,4 +1,5 @@
-"""The `picotron-jax` command: train, bench, tokenizer, launch, ckpt, export.
+"""The `picotron-jax` command: train, bench, tokenizer, launch, ckpt, export, memory, precision,
+pipeline-schedule.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
 multi-process run was lost, failed or hung, 130 interrupted.
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", dest="json_out", help="also write the JSON result to this file")
     p.add_argument("--peak", action="store_true", help="measure this device's f32 matmul peak and cache it")
+
+    p = sub.add_parser("pipeline-schedule", help="print the time x pipe-rank table of forwards/backwards a config runs")
+    _add_config_args(p)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer.json on the configured corpus")
     _add_config_args(p)
@@ -126,6 +130,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_pipeline_schedule(args) -> int:
+    from picotron_jax.parallel.pipeline_schedule import render, schedule_of_config
+
+    print(render(schedule_of_config(_load(args))))
+    return 0
+
+
 def cmd_tokenizer(args) -> int:
     from picotron_jax.data import train_bpe_tokenizer
 
@@ -173,7 +184,7 @@ def cmd_precision(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
-            "memory": cmd_memory, "precision": cmd_precision}
+            "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule}
 COMMANDS.update(checkpoint_commands.COMMANDS)
 
 

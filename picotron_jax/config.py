@@ -91,6 +91,18 @@ class TrainConfig:
     stop_at_step: int = 0  # save and exit cleanly after this step (a time-limited job); 0 = off
 
 
+PIPELINE_SCHEDULES = ("none", "afab", "1f1b", "interleaved")
+
+
+@dataclass
+class PipelineConfig:
+    """Pipeline parallelism over mesh.pipe (parallel/pipeline.py); `picotron-jax pipeline-schedule` prints it."""
+
+    schedule: str = "none"  # none (mesh.pipe = 1) | afab | 1f1b | interleaved
+    microbatches: int = 4  # m: microbatches per step flowing through the pipe
+    virtual_stages: int = 2  # v: layer chunks per pipe rank, for schedule interleaved
+
+
 @dataclass
 class OptimizerConfig:
     lr: float = 3e-3
@@ -189,6 +201,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -496,8 +509,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_memory(cfg.memory, m.num_layers)
 
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-    _need(sizes["pipe"] == 1,
-          f"config field 'mesh.pipe' = {sizes['pipe']}: pipeline parallelism is not available yet; use mesh.pipe=1")
+    validate_pipeline(cfg, sizes["pipe"], sizes)
     cp = sizes["context"]
     if cp > 1:
         chunks = 2 * cp if t.context_zigzag else cp
@@ -524,9 +536,10 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
           f"config field 'memory.remat' = {cfg.memory.remat!r}: remat policies apply to dense layer stacks; "
           f"a model with MoE layers (moe.num_experts = {cfg.moe.num_experts}) needs memory.remat=none")
     batch_ways = sizes["data"] * sizes["expert"]
-    micro = t.global_batch // t.grad_accum
+    accum = cfg.pipeline.microbatches if sizes["pipe"] > 1 else t.grad_accum
+    micro = t.global_batch // accum
     _need(micro % batch_ways == 0,
-          f"config field 'train.global_batch' = {t.global_batch}: each of the {t.grad_accum} microbatch(es) "
+          f"config field 'train.global_batch' = {t.global_batch}: each of the {accum} microbatch(es) "
           f"has {micro} sequences, which must be divisible by mesh.data x mesh.expert = {batch_ways}")
     return sizes
 
@@ -567,3 +580,50 @@ def validate_moe(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> None:
         value = getattr(e, name)
         _need(value >= 0, f"config field 'moe.{name}' = {value}: must be >= 0 (0 = off)")
     _need(sizes["pipe"] == 1, "MoE layers do not compose with mesh.pipe > 1 yet; set mesh.pipe=1")
+
+
+def validate_pipeline(cfg: Config, pipe: int, sizes: dict[str, int] | None = None) -> None:
+    """Pipeline checks; `sizes` (the resolved mesh) adds the ones that involve other axes."""
+    pc, m, t = cfg.pipeline, cfg.model, cfg.train
+    _need(pc.schedule in PIPELINE_SCHEDULES,
+          f"config field 'pipeline.schedule' = {pc.schedule!r}: valid values are {', '.join(PIPELINE_SCHEDULES)}")
+    if pipe == 1:
+        _need(pc.schedule == "none",
+              f"config field 'pipeline.schedule' = {pc.schedule!r} needs mesh.pipe > 1 (it is 1); set "
+              f"mesh.pipe to the number of pipeline stages, or pipeline.schedule=none")
+        return
+    _need(pc.schedule != "none",
+          f"config field 'mesh.pipe' = {pipe} needs a pipeline schedule: set pipeline.schedule to afab, 1f1b "
+          f"or interleaved")
+    _need(pc.microbatches >= 1, f"config field 'pipeline.microbatches' = {pc.microbatches}: must be >= 1")
+    v = pc.virtual_stages if pc.schedule == "interleaved" else 1
+    if pc.schedule == "interleaved":
+        _need(pc.virtual_stages >= 2,
+              f"config field 'pipeline.virtual_stages' = {pc.virtual_stages}: the interleaved schedule needs >= 2 "
+              f"layer chunks per pipe rank (or use pipeline.schedule=1f1b)")
+        _need(pc.microbatches % pipe == 0,
+              f"config field 'pipeline.microbatches' = {pc.microbatches}: the interleaved schedule runs "
+              f"microbatches in groups of mesh.pipe = {pipe}, so it must be a multiple of {pipe}")
+    _need(m.num_layers % (pipe * v) == 0,
+          f"config field 'model.num_layers' = {m.num_layers}: must be divisible into mesh.pipe x chunks = "
+          f"{pipe} x {v} = {pipe * v} pipeline stages of equal size")
+    _need(cfg.memory.remat == "none",
+          f"config field 'memory.remat' = {cfg.memory.remat!r}: with mesh.pipe > 1 each stage's backward already "
+          f"recomputes its forward (parallel/pipeline.py); set memory.remat=none")
+    _need(cfg.precision.mode != "fp16",
+          f"config field 'precision.mode' = 'fp16': pipeline parallelism (mesh.pipe = {pipe}) runs without loss "
+          f"scaling; use precision.mode=fp32 or bf16")
+    _need(t.grad_accum == 1,
+          f"config field 'train.grad_accum' = {t.grad_accum}: with mesh.pipe > 1 the step's microbatches are "
+          f"pipeline.microbatches; set train.grad_accum=1")
+    _need(t.global_batch % pc.microbatches == 0,
+          f"config field 'train.global_batch' = {t.global_batch}: must be divisible by pipeline.microbatches = "
+          f"{pc.microbatches}")
+    if sizes is None:
+        return
+    _need(sizes["context"] == 1,
+          f"config field 'mesh.context' = {sizes['context']}: pipeline parallelism (mesh.pipe = {pipe}) does not "
+          f"combine with context parallelism; use mesh.context=1")
+    _need(m.num_kv_heads % sizes["tensor"] == 0,
+          f"config field 'model.num_kv_heads' = {m.num_kv_heads}: with mesh.pipe > 1 it must be divisible by "
+          f"mesh.tensor = {sizes['tensor']} (pipeline stages do not replicate KV heads)")

@@ -161,6 +161,16 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
             f"({peak_source})"
         )
         console.print(f"{run.setup.policy.describe()} | remat {cfg.memory.remat}")
+        if run.mesh.shape["pipe"] > 1:
+            from picotron_jax.parallel.pipeline_schedule import schedule_of_config, schedule_report
+
+            pr = schedule_report(schedule_of_config(cfg, run.mesh.shape["pipe"]))
+            console.print(
+                f"pipeline {pr['schedule']}: {pr['pipe']} ranks x {pr['virtual_stages']} chunk(s), "
+                f"{pr['microbatches']} microbatches, {pr['slots']} slots | bubble {pr['bubble_counted']:.3f} "
+                f"counted, {pr['bubble_analytic']:.3f} analytic | at most {pr['max_in_flight']} microbatch(-chunk)s "
+                f"in flight per rank"
+            )
 
     say = console.print if is_main else (lambda _message: None)
     ckpt = Checkpointer(default_location(cfg, run_dir), cfg, say=say, log_path=run_dir / "checkpoints.jsonl")

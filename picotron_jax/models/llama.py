@@ -36,6 +36,10 @@ class ParallelOps(Protocol):
     def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
         """Causal attention over the whole sequence (a ring over `context` when it is split)."""
 
+    def sum_partials(self, y_BTD: jax.Array) -> jax.Array:
+        """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
+        row-parallel all-reduce). The identity where the compiler inserts the sum (auto sharding)."""
+
 
 class LocalOps:
     def constrain(self, x, axes):
@@ -52,6 +56,9 @@ class LocalOps:
 
     def dropless_experts(self, x_BTD, experts_BTK, w_gate, w_up, w_down):
         return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate, w_up, w_down)
+
+    def sum_partials(self, y_BTD):
+        return y_BTD
 
 
 LOCAL_OPS = LocalOps()
@@ -101,7 +108,7 @@ def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConf
     if attention_dtype is not None:
         q_BTHK, k_BTGK, v_BTGK = (t.astype(attention_dtype) for t in (q_BTHK, k_BTGK, v_BTGK))
     o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
-    x_BTD = x_BTD + checkpoint_name(project("bthk,hkd->btd", o_BTHK, p["wo"]), "wo")
+    x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("bthk,hkd->btd", o_BTHK, p["wo"])), "wo")
     return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
 
@@ -111,7 +118,7 @@ def dense_mlp_residual(p: dict, x_BTD: jax.Array, cfg: ModelConfig, ops: Paralle
     gate_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_gate"]), "w_gate")
     up_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_up"]), "w_up")
     act_BTF = ops.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    x_BTD = x_BTD + checkpoint_name(project("btf,fd->btd", act_BTF, p["w_down"]), "w_down")
+    x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("btf,fd->btd", act_BTF, p["w_down"])), "w_down")
     return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
 
@@ -119,6 +126,14 @@ def scan_layers(block: Callable, x_BTD: jax.Array, stacked: dict, unroll: int) -
     """x -> block(x, layer l's params) for l = 0..L-1, as one scan over the stacked `layers` axis."""
     x_BTD, _ = jax.lax.scan(lambda x, p: (block(x, p), None), x_BTD, stacked, unroll=unroll)
     return x_BTD
+
+
+def decoder_layers(stacked: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
+                   attention_dtype=None) -> jax.Array:
+    """Run the layers stacked on the leading axis of every array in `stacked` ([L', ...]) in order."""
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    block = lambda x, p: decoder_block(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype)  # noqa: E731
+    return scan_layers(block, x_BTD, stacked, min(cfg.scan_unroll, num_layers))
 
 
 class Llama(nnx.Module):

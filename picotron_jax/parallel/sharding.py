@@ -27,7 +27,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
-    "layers": (),
+    "layers": ("pipe",),  # pipeline stages hold consecutive layers (parallel/pipeline.py)
     "experts": ("expert",),
     "stage": ("pipe",),
 }
@@ -136,6 +136,10 @@ class MeshRules:
         from picotron_jax.parallel.expert import expert_parallel_dropless
 
         return expert_parallel_dropless(self, x_BTD, experts_BTK, w_gate, w_up, w_down)
+
+    def sum_partials(self, y: jax.Array) -> jax.Array:
+        """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
+        return y
 
     def sequence_order(self, seq_len: int):
         """Natural position of each sequence column in this layout (numpy; arange unless zigzag)."""

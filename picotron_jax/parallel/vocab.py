@@ -28,18 +28,18 @@ def vocab_parallel_embed(rules: "MeshRules", table_VD: jax.Array, tokens_BT: jax
     """tokens [B, T] -> embeddings [B, T, D]; each rank looks up the tokens it owns, then psum."""
     tok_spec = rules.activation_spec(("batch", "seq"))
     out_spec = rules.activation_spec(("batch", "seq", "embed"))
+    return jax.shard_map(local_vocab_embed, mesh=rules.mesh, in_specs=(P(TENSOR, None), tok_spec),
+                         out_specs=out_spec)(table_VD, tokens_BT)
 
-    def local(table_vD, tok_bt):
-        v = table_vD.shape[0]
-        ids_bt = tok_bt - _local_vocab_range(v)
-        mine_bt = (ids_bt >= 0) & (ids_bt < v)
-        x_btD = jnp.take(table_vD, jnp.where(mine_bt, ids_bt, 0), axis=0)
-        x_btD = jnp.where(mine_bt[..., None], x_btD, jnp.zeros((), x_btD.dtype))
-        return jax.lax.psum(x_btD, TENSOR)
 
-    return jax.shard_map(local, mesh=rules.mesh, in_specs=(P(TENSOR, None), tok_spec), out_specs=out_spec)(
-        table_VD, tokens_BT
-    )
+def local_vocab_embed(table_vD: jax.Array, tok_bt: jax.Array) -> jax.Array:
+    """Inside a shard_map manual over `tensor`: look up the tokens this rank's rows own, then psum."""
+    v = table_vD.shape[0]
+    ids_bt = tok_bt - _local_vocab_range(v)
+    mine_bt = (ids_bt >= 0) & (ids_bt < v)
+    x_btD = jnp.take(table_vD, jnp.where(mine_bt, ids_bt, 0), axis=0)
+    x_btD = jnp.where(mine_bt[..., None], x_btD, jnp.zeros((), x_btD.dtype))
+    return jax.lax.psum(x_btD, TENSOR)
 
 
 def _local_xent_stats(h_btD, w, tgt_bt, head_spec: str):

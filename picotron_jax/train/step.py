@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from picotron_jax.config import Config
+from picotron_jax.errors import UserError
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
 from picotron_jax.train import moe_aux
@@ -100,12 +101,25 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     grad_of_sums = jax.value_and_grad(scaled_loss_sums, has_aux=True)
     m = cfg.train.grad_accum
     param_shardings = setup.shardings.params
+    pipelined = None
+    if rules.mesh.shape["pipe"] > 1:  # parallel/pipeline.py: the microbatches flow through the pipe stages
+        from picotron_jax.parallel.pipeline import pipeline_loss_and_grads
+
+        policy = setup.policy
+        if policy.loss_scaling or policy.module_dtypes:
+            raise UserError(f"pipeline parallelism (mesh.pipe = {rules.mesh.shape['pipe']}) runs one compute dtype "
+                            f"without loss scaling; {policy.describe()} needs precision.mode fp32 or bf16 without "
+                            f"per-module overrides or a policy file")
+        pipelined = pipeline_loss_and_grads(cfg, rules, setup.spec, jnp.dtype(policy.compute_dtype))
 
     def grads_and_metrics(params, batch, scale=None):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
-        if m == 1:
+        if pipelined is not None:  # dense layers only (config validation), no loss scale
+            nll, z, grads = pipelined(params, split_microbatches(batch, cfg.pipeline.microbatches, rules))
+            moe = None
+        elif m == 1:
             (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale)
         else:
             micro = split_microbatches(batch, m, rules)
