@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 export PYTHONPATH=${PYTHONPATH:-.} JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-"$PY" benchmarks/checkpoint_bench.py --out "${TMPDIR:-/tmp}/picotron-ckpt-bench" --json "${1:-checkpoint.json}" "${@:2}"
+mkdir -p benchmarks/results
+"$PY" benchmarks/checkpoint_bench.py --out "${TMPDIR:-/tmp}/picotron-ckpt-bench" --json "${1:-benchmarks/results/checkpoint.json}" "${@:2}"

@@ -1,5 +1,6 @@
 """Checkpoint figures for bench-32m: how long a save blocks the training loop (async vs sync), how long
-the write takes, and bytes on disk at several zstd levels versus the raw bytes of the train state.
+the write takes, the step time of a loop that saves after every step, and bytes on disk at several zstd
+levels versus the raw bytes of the train state.
 
 Variants run interleaved in one process (the host is noisy); every figure is a median over --repeats.
 The state is the one after a few real train steps, so Adam's moments are not the zeros of step 0.
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/picotron-ckpt-bench", help="scratch folder for the checkpoints")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--loop-steps", type=int, default=3, help="steps per loop measurement (a save after each)")
     parser.add_argument("--levels", default="0,1,3,9,19", help="zstd levels to compare (0 = uncompressed)")
     parser.add_argument("--json", dest="json_out", help="also write the result here")
     args = parser.parse_args()
@@ -68,6 +70,27 @@ def main() -> None:
             modes[mode]["blocked_s"].append(blocked)
             modes[mode]["complete_s"].append(complete)
 
+    # the loop itself: --loop-steps steps, each followed by a save (none / async / sync), interleaved
+    loop: dict[str, list] = {m: [] for m in ("none", "async", "sync")}
+    cfg.checkpoint.compression_level = 3
+    for r in range(args.repeats):
+        for mode in loop:
+            cfg.checkpoint.async_save = mode == "async"
+            folder = out / f"loop-{mode}-{r}"
+            shutil.rmtree(folder, ignore_errors=True)
+            ckpt = Checkpointer(folder, cfg, say=lambda _m: None) if mode != "none" else None
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            for i in range(args.loop_steps):
+                state, metrics = run.train_step(state, run.batch(args.train_steps + i))
+                if ckpt is not None:
+                    ckpt.save(state, {"mesh": "bench-32m"})
+            jax.block_until_ready(metrics)
+            loop[mode].append((time.perf_counter() - t0) / args.loop_steps)
+            if ckpt is not None:
+                ckpt.close()
+            shutil.rmtree(folder, ignore_errors=True)
+
     levels = [int(x) for x in args.levels.split(",")]
     sizes: dict[int, dict[str, list]] = {lv: {"bytes": [], "complete_s": []} for lv in levels}
     cfg.checkpoint.async_save = False
@@ -83,6 +106,7 @@ def main() -> None:
         "config": "meshes/bench-32m.yaml", "params": run.setup.spec.num_params(), "raw_bytes": raw,
         "device": f"{len(run.devices)} x {run.devices[0].platform}", "repeats": args.repeats,
         "save": {m: {k: round(statistics.median(v), 4) for k, v in d.items()} for m, d in modes.items()},
+        "loop_step_s": {m: round(statistics.median(v), 4) for m, v in loop.items()},
         "compression": {str(lv): {"bytes_on_disk": int(statistics.median(d["bytes"])),
                                   "ratio": round(statistics.median(d["bytes"]) / raw, 4),
                                   "complete_s": round(statistics.median(d["complete_s"]), 4)}

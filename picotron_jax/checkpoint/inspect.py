@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from picotron_jax.checkpoint.metadata import human_bytes, leaf_names
-from picotron_jax.checkpoint.restore import UnreadableCheckpoint, short_error, read_meta, split_location
+from picotron_jax.checkpoint.restore import (UnreadableCheckpoint, silence_closed_loop_callbacks, read_meta, short_error,
+                                             split_location)
 from picotron_jax.checkpoint.storage import open_store
 from picotron_jax.errors import UserError
 
@@ -84,6 +85,7 @@ def step_info(path: str) -> dict[str, Any]:
         arrays = checkpointer.restore(folder / "state", args=ocp.args.PyTreeRestore(item=jax.tree.map(
             lambda _: 0, tree), restore_args=restore_args))
     except Exception as exc:  # noqa: BLE001 - damaged files raise many types
+        silence_closed_loop_callbacks()
         return {**info, "valid": False, "problem": f"its arrays cannot be read ({short_error(exc)})"}
     names = leaf_names(arrays)
     leaves = jax.tree.leaves(arrays)

@@ -32,9 +32,6 @@ from picotron_jax.checkpoint.codecs import use_chunk_codecs
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
 
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
 def state_tree(state: Any) -> dict[str, Any]:
     """Any TrainState (a flax.struct dataclass) as {field: subtree}: saves fields added later too."""
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
@@ -64,7 +61,6 @@ class Checkpointer:
         self.cfg = cfg
         self.every = cfg.checkpoint.every
         self.store: CheckpointStore = open_store(str(directory), cfg.checkpoint.keep, cfg.checkpoint.keep_every)
-        self.directory = self.store.local_root
         self._say = say
         self._log_path = log_path
         self._pending: list[dict] = []  # saves whose background write may still run
@@ -73,7 +69,7 @@ class Checkpointer:
                 say(f"checkpoint: removing {leftover} (a save that never completed)")
                 shutil.rmtree(leftover, ignore_errors=True)
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            self.store.local_root,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=preservation_policy(cfg.checkpoint.keep, cfg.checkpoint.keep_every),
                 enable_async_checkpointing=cfg.checkpoint.async_save,
@@ -117,8 +113,9 @@ class Checkpointer:
         self._manager.wait_until_finished()
         done = time.perf_counter()
         for event in self._pending:
-            step = event.pop("t_start")
-            event["written_s"] = round(done - step, 4)  # upper bound for async saves (waited on late)
+            started = event.pop("t_start")
+            if not event["async"]:  # an async write is only seen complete at the next save or the end
+                event["written_s"] = round(done - started, 4)
             self.store.publish(event["step"], self._manager.all_steps())
             on_disk = self.store.bytes_on_disk(event["step"])
             event["bytes_on_disk"] = on_disk

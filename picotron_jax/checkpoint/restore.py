@@ -9,6 +9,7 @@ older step. A checkpoint named explicitly (`--resume-from PATH/<step>`) gets no 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +52,24 @@ def short_error(exc: BaseException) -> str:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:240]
+    return (text[0] if text else type(exc).__name__)[:400]
+
+
+def silence_closed_loop_callbacks() -> None:
+    """After a failed read, Orbax closes its event loop while TensorStore still completes the other reads;
+    their callbacks then report 'Event loop is closed' as unraisable exceptions, a traceback each on stderr.
+    The failure itself has been reported in one line; drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "__picotron_quiet__", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.__picotron_quiet__ = True
+    sys.unraisablehook = hook
 
 
 def _target(abstract: Any, shardings: Any) -> Any:
@@ -76,6 +94,7 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
             tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     except Exception as exc:  # noqa: BLE001 - TensorStore/Orbax raise many types for damaged files
+        silence_closed_loop_callbacks()
         raise UnreadableCheckpoint(f"its arrays cannot be read ({short_error(exc)})") from None
     return type(abstract)(**tree), meta
 
