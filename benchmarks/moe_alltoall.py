@@ -42,7 +42,7 @@ def expected_per_layer(cfg, mesh_shape: dict) -> int:
 
 def main(presets: list[str]) -> None:
     print(f"{'preset':24s} {'mesh':28s} {'dispatch':9s} {'measured/layer':>15s} {'expected/layer':>15s} "
-          f"{'tokens x k x D x 4':>19s}")
+          f"{'4 x tokens x k x D x 4':>23s} {'ratio':>6s}")
     for name in presets:
         cfg = load_config(MESHES / f"{name}.yaml")
         run = prepare_run(cfg)
@@ -53,10 +53,10 @@ def main(presets: list[str]) -> None:
         measured = stats["bytes"].get("all-to-all", 0) // layers
         shape = dict(run.mesh.shape)
         b = cfg.train.global_batch // (shape["data"] * shape["expert"])
-        ideal = b * cfg.train.seq_len * cfg.moe.top_k * cfg.model.hidden_size * 4
+        ideal = 4 * b * cfg.train.seq_len * cfg.moe.top_k * cfg.model.hidden_size * 4  # 4 exchanges, fp32
         mesh = " x ".join(f"{a}={s}" for a, s in shape.items() if s > 1)
         print(f"{name:24s} {mesh:28s} {cfg.moe.dispatch:9s} {measured:>15,d} {expected_per_layer(cfg, shape):>15,d} "
-              f"{ideal:>19,d}", flush=True)
+              f"{ideal:>23,d} {measured / ideal:6.3f}", flush=True)
         jax.clear_caches()
 
 
