@@ -50,3 +50,28 @@ def test_per_layer_metrics_are_logged(unbalanced, capsys):
 def test_balancing_lowers_the_max_over_mean_load(unbalanced, tmp_path, balancing):
     balanced = train_rows(tmp_path, "on", *balancing)
     assert imbalance(balanced) < imbalance(unbalanced) - 0.2, (imbalance(balanced), imbalance(unbalanced))
+
+
+@pytest.mark.slow
+def test_resume_with_router_bias_gives_the_same_losses(tmp_path):
+    """The aux-loss-free bias lives in the parameters, so a checkpoint carries it across a restart."""
+    common = ["--config", str(MESHES / "moe-ep8.yaml"), "train.seq_len=32", "logging.every=1",
+              "optimizer.warmup_steps=1", "optimizer.decay_steps=3", "checkpoint.every=2",
+              "moe.bias_update_rate=0.01"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--run-dir", str(straight), "train.steps=4", *common]) == 0
+    assert main(["train", "--run-dir", str(split), "train.steps=2", *common]) == 0
+    assert main(["train", "--run-dir", str(split), "--resume", "train.steps=4", *common]) == 0
+    rows = {r["step"]: r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())}
+    resumed = {r["step"]: r for r in map(json.loads, (split / "metrics.jsonl").read_text().splitlines())}
+    for step in (3, 4):
+        assert resumed[step]["loss"] == rows[step]["loss"]
+        assert resumed[step]["moe_l0_tokens_max"] == rows[step]["moe_l0_tokens_max"]
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_trains(tmp_path):
+    rows = train_rows(tmp_path, "bf16", "train.dtype=bfloat16", "train.steps=3", "moe.dispatch=dropless",
+                      "moe.shared_experts=1")
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["moe_dropped"] == 0.0
