@@ -56,7 +56,7 @@ def bench_step(cfg: Config) -> dict:
 
     step_s = float(np.median(times))
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len, cfg.moe)
     peak, peak_source = run_peak_flops(run.devices, cfg.logging.peak_flops)
     tps = tokens_per_step / step_s
     cost = compiled.cost_analysis() or {}

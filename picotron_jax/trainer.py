@@ -150,7 +150,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     peak, peak_source = run_peak_flops(run.devices, cfg.logging.peak_flops)
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len, cfg.moe)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     spec = run.setup.spec
     if is_main:

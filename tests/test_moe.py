@@ -217,3 +217,16 @@ def test_bad_moe_config_names_the_field(overrides, field, allowed):
 
 def test_capacity_factor_is_free_in_dropless_mode():
     validate(preset("moe-single", "moe.dispatch=dropless", "moe.capacity_factor=0"), 1)
+
+
+def test_flops_count_active_moe_parameters():
+    """MFU counts what a token passes through: router, top_k routed and shared experts, per MoE layer."""
+    from picotron_jax.observe.flops import flops_per_token, non_embedding_params
+
+    model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                        num_kv_heads=2)
+    moe_cfg = MoEConfig(num_experts=8, top_k=2, expert_size=48, shared_experts=1, first_dense_layers=1)
+    D, F, Fe = 64, 128, 48
+    per_moe_layer = D * 8 + 3 * D * Fe * (2 + 1) - 3 * D * F  # router + 3 experts' SwiGLU, minus the dense MLP
+    assert non_embedding_params(model, moe_cfg) - non_embedding_params(model) == 3 * per_moe_layer
+    assert flops_per_token(model, 32, MoEConfig()) == flops_per_token(model, 32)  # num_experts 0: dense

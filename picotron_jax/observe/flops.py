@@ -3,6 +3,7 @@
 flops_per_token = 6·N + 6·L·T·d (DESIGN.md; Kaplan et al. 2020 and the PaLM appendix B):
 N = parameters without the input embedding (a tied table still counts once, as the LM head),
 L layers, T sequence length, d model width; causal attention counted once (not halved).
+MoE layers count their *active* parameters: the router, top_k routed experts and the shared ones.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from picotron_jax.config import ModelConfig
+from picotron_jax.config import ModelConfig, MoEConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets); matched as substrings of device_kind.
 DEVICE_PEAK_FLOPS = {
@@ -37,15 +38,22 @@ DEVICE_PEAK_FLOPS = {
 PEAK_CACHE = Path(os.path.expanduser("~/.cache/picotron_jax/cpu_peak.json"))
 
 
-def non_embedding_params(cfg: ModelConfig) -> int:
+def non_embedding_params(cfg: ModelConfig, moe: MoEConfig | None = None) -> int:
+    """Parameters a token passes through, without the input embedding (MoE: the active ones)."""
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     H, G, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.vocab_size
     per_layer = D * H * K * 2 + D * G * K * 2 + 3 * D * F + 2 * D  # q, o, k, v, mlp, norms
-    return L * per_layer + D + V * D  # + final norm + LM head (the table itself when tied)
+    total = L * per_layer + D + V * D  # + final norm + LM head (the table itself when tied)
+    if moe is not None and moe.enabled:
+        num_moe = (L - moe.first_dense_layers) // moe.every_n_layers
+        Fe = moe.expert_size or F
+        active_mlp = D * moe.num_experts + 3 * D * Fe * (moe.top_k + moe.shared_experts)  # router + experts
+        total += num_moe * (active_mlp - 3 * D * F)
+    return total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6.0 * non_embedding_params(cfg) + 6.0 * cfg.num_layers * seq_len * cfg.hidden_size
+def flops_per_token(cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None) -> float:
+    return 6.0 * non_embedding_params(cfg, moe) + 6.0 * cfg.num_layers * seq_len * cfg.hidden_size
 
 
 def _cpu_key() -> str:
