@@ -38,9 +38,10 @@ def complete_steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def run_once(run: Path, kill_on_line: str | None = None, kill_after_s: float | None = None) -> tuple[int, str]:
-    """Train (resuming when a checkpoint exists); SIGKILL on the first output line containing
-    `kill_on_line`, or `kill_after_s` seconds after the first training step. Returns (exit code, output)."""
+def run_once(run: Path, kill_on_line: str | None = None, delay_s: float = 0.0,
+             sig: int = signal.SIGKILL) -> tuple[int, str]:
+    """Train (resuming when a checkpoint exists); send `sig` `delay_s` seconds after the first output line
+    that starts with `kill_on_line` (blanks collapsed: log lines pad the step number). Returns (exit code, output)."""
     args = [sys.executable, "-m", "picotron_jax", "train", "--run-dir", str(run), *TINY]
     if complete_steps(run):
         args.append("--resume")
@@ -51,11 +52,8 @@ def run_once(run: Path, kill_on_line: str | None = None, kill_after_s: float | N
     try:
         for line in proc.stdout:
             lines.append(line)
-            if kill_on_line is not None and kill_on_line in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-            if kill_after_s is not None and timer is None and line.startswith("step "):
-                timer = threading.Timer(kill_after_s, proc.send_signal, (signal.SIGKILL,))
+            if kill_on_line is not None and timer is None and " ".join(line.split()).startswith(kill_on_line):
+                timer = threading.Timer(delay_s, proc.send_signal, (sig,))
                 timer.start()
         code = proc.wait()
     finally:
@@ -66,27 +64,43 @@ def run_once(run: Path, kill_on_line: str | None = None, kill_after_s: float | N
     return code, "".join(lines)
 
 
+def last_step_done(out: str) -> bool:
+    return f"step {STEPS}/{STEPS}" in out and "done" in out
+
+
 def final_params(run: Path) -> list[np.ndarray]:
     params, _ = load_checkpoint_params(run / "checkpoints" / str(STEPS))
     return jax.tree.leaves(params)
 
 
 def killed_and_resumed(run: Path, rng: random.Random, kills: int) -> list[str]:
-    """One kill during an async save (an older checkpoint exists), then `kills - 1` kills at random times,
-    then run to the end."""
+    """One kill during an async save (an older checkpoint exists), then `kills - 1` interruptions at random
+    moments (SIGKILL; every third one a SIGTERM, which must stop cleanly with a checkpoint): a random time
+    after a random step's log line. Then run to the end."""
     notes = []
     save_step = rng.choice(range(4, STEPS, 2))
-    code, _ = run_once(run, kill_on_line=f"checkpoint {save_step}: training blocked")
+    code, _ = run_once(run, kill_on_line=f"checkpoint {save_step}: training blocked")  # at once
     tmp_left = sorted(p.name for p in (run / "checkpoints").iterdir() if "tmp" in p.name)
     notes.append(f"killed (exit {code}) right after save {save_step} started; unfinished folders {tmp_left}")
     assert code == -signal.SIGKILL
     # keep=1, yet the previous checkpoint is still there unless the new one completed first
     assert complete_steps(run) in ([save_step - 2], [save_step]), complete_steps(run)
-    for _ in range(kills - 1):
-        delay = rng.uniform(0.0, 0.8)  # the tiny run's 12 steps and 6 saves take about 1 s
-        code, out = run_once(run, kill_after_s=delay)
-        notes.append(f"killed {delay:.2f}s after the first step (exit {code}); complete steps {complete_steps(run)}")
-        if code == 0:  # finished before the timer fired
+    for i in range(1, kills):
+        if complete_steps(run)[-1] == STEPS:
+            break
+        if complete_steps(run)[-1] >= STEPS - 1:
+            break
+        step = rng.randint(complete_steps(run)[-1] + 1, STEPS - 1)
+        delay = rng.uniform(0.0, 0.02)  # a step of the tiny model takes a few ms, a save tens of ms
+        sig = signal.SIGTERM if i % 3 == 2 else signal.SIGKILL
+        code, out = run_once(run, kill_on_line=f"step {step}/", delay_s=delay, sig=sig)
+        notes.append(f"{sig.name} {delay:.2f}s after step {step} (exit {code}); complete steps {complete_steps(run)}")
+        if sig == signal.SIGTERM and code == 0:  # a clean stop, with a checkpoint of the step it stopped after
+            last = max(int(ln.split()[1].split("/")[0]) for ln in out.splitlines() if ln.startswith("step "))
+            assert "stopped early by SIGTERM" in out and complete_steps(run)[-1] == last, out
+        elif sig == signal.SIGTERM:  # only after the loop (signal handling ends with it) may SIGTERM kill
+            assert code == -signal.SIGTERM and f"step {STEPS}/{STEPS}" in out, out
+        if last_step_done(out):  # finished before the signal
             break
     code, out = run_once(run)
     assert code == 0 and "resumed from" in out, out
