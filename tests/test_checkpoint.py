@@ -86,6 +86,17 @@ def test_resume_onto_another_mesh_falls_back_past_a_damaged_checkpoint(runs, cap
     np.testing.assert_allclose([b[s] for s in (3, 4, 5, 6)], [a[s] for s in (3, 4, 5, 6)], rtol=1e-5)
 
 
+def test_resume_from_one_device_onto_a_pipeline(runs):
+    """--resume-from a one-device checkpoint onto pipe=4 x data=2 (1F1B): the stacked [L, ...] layer arrays
+    are resharded over `pipe` on load, and the losses continue within fp32 tolerance."""
+    tmp, _ = runs
+    assert main(["train", "--config", str(MESHES / "pp4-1f1b.yaml"), "--run-dir", str(tmp / "piped"),
+                 "--resume-from", str(tmp / "straight" / "checkpoints" / "4"), *SCHEDULE]) == 0
+    a, b = logged_losses(tmp / "straight"), logged_losses(tmp / "piped")
+    assert sorted(b) == [5, 6]
+    np.testing.assert_allclose([b[5], b[6]], [a[5], a[6]], rtol=1e-5)
+
+
 # ----------------------------------------------------------------- the Checkpointer without training
 
 
