@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from picotron_jax.bench import compiled_memory
-from picotron_jax.config import load_config, validate
+from picotron_jax.config import load_config
+from picotron_jax.config_checks import validate
 from picotron_jax.mesh import build_mesh, run_devices
 from picotron_jax.parallel.pipeline_schedule import build_schedule
 from picotron_jax.parallel.sharding import MeshRules

@@ -39,7 +39,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from picotron_jax.config import DistributedConfig, validate_distributed
+from picotron_jax.config import DistributedConfig
+from picotron_jax.config_checks import validate_distributed
 from picotron_jax.errors import UserError
 
 EXIT_PEER_LOST = 3  # exit code of a process stopped because another one was lost, failed or hung

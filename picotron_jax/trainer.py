@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from picotron_jax.checkpoint.manager import Checkpointer
 from picotron_jax.checkpoint.restore import default_location, restore_train_state
-from picotron_jax.config import Config, save_config, validate
+from picotron_jax.config import Config, save_config
+from picotron_jax.config_checks import validate
 from picotron_jax.data import TokenDataset, global_batch, prefetch
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import build_mesh, describe, run_devices

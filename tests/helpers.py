@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from picotron_jax.config import Config, load_config, validate
+from picotron_jax.config import Config, load_config
+from picotron_jax.config_checks import validate
 from picotron_jax.mesh import build_mesh, run_devices
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.train.state import StateSetup, init_train_state, setup_state

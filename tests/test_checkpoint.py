@@ -13,6 +13,7 @@ import pytest
 import tensorstore as ts
 
 from helpers import MESHES, preset, setup
+from picotron_jax.checkpoint.hf import export_to_hf
 from picotron_jax.checkpoint.inspect import list_steps, step_info
 from picotron_jax.checkpoint.manager import Checkpointer
 from picotron_jax.checkpoint.restore import restore_train_state
@@ -201,7 +202,7 @@ def test_clear_errors_for_unknown_step_empty_folder_and_another_model(small_stat
 
 
 def test_checkpoint_config_errors_name_the_field():
-    from picotron_jax.config import validate
+    from picotron_jax.config_checks import validate
 
     for overrides, field in ((["checkpoint.every=3", "checkpoint.keep_every=4"], "checkpoint.keep_every"),
                              (["checkpoint.compression_level=30"], "checkpoint.compression_level"),
@@ -210,3 +211,23 @@ def test_checkpoint_config_errors_name_the_field():
             validate(preset("single", *overrides), 1)
     with pytest.raises(UserError, match="hdfs:// is not supported.*mount"):
         Checkpointer("hdfs://namenode/ckpt", preset("single"))
+
+
+def test_resume_with_other_arrays_or_moe_placement_is_refused_by_name(small_state, tmp_path):
+    """A checkpoint whose arrays differ from this run's state (fp16 adds a loss scale) or whose MoE layers sit
+    elsewhere is a settings error, named, not a 'damaged checkpoint' that sends --resume falling back."""
+    cfg, st, state = small_state
+    save_steps(cfg, state, tmp_path / "ck", [1])
+    cfg16 = preset("single", "precision.mode=fp16")
+    _, st16 = setup(cfg16)
+    with pytest.raises(UserError, match=r"other arrays .*only in this run: loss_scale/"):
+        restore_train_state(str(tmp_path / "ck"), st16.abstract, st16.shardings, cfg16)
+    moe_a = preset("moe-single", "moe.first_dense_layers=0", "moe.every_n_layers=2")
+    moe_b = preset("moe-single", "moe.first_dense_layers=2", "moe.every_n_layers=1")
+    _, st_a = setup(moe_a)
+    save_steps(moe_a, init_train_state(moe_a, st_a), tmp_path / "moe", [1])
+    _, st_b = setup(moe_b)
+    with pytest.raises(UserError, match=r"moe.first_dense_layers: 0 in the checkpoint, 2 in this run"):
+        restore_train_state(str(tmp_path / "moe"), st_b.abstract, st_b.shardings, moe_b)
+    with pytest.raises(UserError, match="Mixture-of-Experts model .*dense Llama folders only"):
+        export_to_hf(tmp_path / "moe" / "1", tmp_path / "hf")

@@ -6,7 +6,8 @@ import pytest
 
 from helpers import MESHES, preset
 from picotron_jax.cli import main
-from picotron_jax.config import load_config, validate
+from picotron_jax.config import load_config
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 
 
@@ -125,3 +126,27 @@ def test_vocab_smaller_than_tokenizer(capsys, tmp_path):
                  f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=128"])
     err = capsys.readouterr().err
     assert code == 2 and "model.vocab_size" in err and "128" in err and "256" in err
+
+
+@pytest.mark.parametrize("name, overrides, field", [
+    ("moe-single", ["precision.mode=fp16"], "precision.mode"),  # experts run without loss scaling
+    ("moe-single", ["memory.remat=full"], "memory.remat"),
+    ("pp2-afab", ["precision.mode=fp16"], "precision.mode"),
+    ("pp2-afab", ["memory.remat=full:2,none:2"], "memory.remat"),
+])
+def test_feature_combinations_that_do_not_compose_are_refused(name, overrides, field):
+    with pytest.raises(UserError, match=f"config field '{field}'"):
+        validate(preset(name, *overrides), 8 if name.startswith("pp") else 1)
+
+
+def test_remat_none_in_segments_is_none():
+    validate(preset("moe-single", "memory.remat=none:4"), 1)
+    validate(preset("pp2-afab", "memory.remat=none:2,none:2"), 8)
+
+
+def test_planner_offers_moe_models_and_pipelines_only_valid_candidates():
+    from picotron_jax.memory.planner import candidate_space
+
+    assert {r for r, _, _ in candidate_space(preset("moe-single"), 1)} == {"none"}
+    assert {(r, m) for r, m, _ in candidate_space(preset("pp4-1f1b"), 8)} == {("none", 1)}
+    assert len({r for r, _, _ in candidate_space(preset("single"), 1)}) > 1

@@ -14,7 +14,8 @@ import pytest
 from jax.sharding import Mesh
 
 from helpers import preset, run_steps, setup, synthetic_batch
-from picotron_jax.config import MESH_AXES, validate
+from picotron_jax.config import MESH_AXES
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 from picotron_jax.models.attention import reference_attention
 from picotron_jax.parallel.context import ring_attention, ring_attention_work, sequence_order, zigzag_order

@@ -15,7 +15,8 @@ import pytest
 
 from helpers import MESHES, ROOT, preset, setup, synthetic_batch
 from picotron_jax.cli import main
-from picotron_jax.config import MemoryConfig, validate
+from picotron_jax.config import MemoryConfig
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 from picotron_jax.memory.planner import candidate_space, choose, configured, parse_bytes, plan
 from picotron_jax.observe.memory import apply_allocator_settings, device_memory_stats, live_arrays_stats

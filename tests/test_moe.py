@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from helpers import preset
-from picotron_jax.config import ModelConfig, MoEConfig, validate
+from picotron_jax.config import ModelConfig, MoEConfig
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 from picotron_jax.models import moe
 from picotron_jax.models.attention import rotary_tables
@@ -230,3 +231,14 @@ def test_flops_count_active_moe_parameters():
     per_moe_layer = D * 8 + 3 * D * Fe * (2 + 1) - 3 * D * F  # router + 3 experts' SwiGLU, minus the dense MLP
     assert non_embedding_params(model, moe_cfg) - non_embedding_params(model) == 3 * per_moe_layer
     assert flops_per_token(model, 32, MoEConfig()) == flops_per_token(model, 32)  # num_experts 0: dense
+
+
+def test_mlp_precision_overrides_on_an_moe_model_are_refused():
+    """The experts run in the compute dtype: an override of the MLP modules would silently skip them."""
+    from helpers import setup
+    from picotron_jax.train.step import build_train_step
+
+    cfg = preset("moe-single", "precision.overrides=layers.w_*:bf16")
+    rules, st = setup(cfg)
+    with pytest.raises(UserError, match=r"MoE layers .*MLP overrides \(layers.w_gate"):
+        build_train_step(cfg, rules, st)

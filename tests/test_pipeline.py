@@ -15,7 +15,7 @@ import pytest
 from helpers import preset, run_steps, setup, synthetic_batch
 from test_layouts import assert_grads_close, reference
 from picotron_jax.cli import main
-from picotron_jax.config import validate
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 from picotron_jax.parallel.pipeline_schedule import build_schedule, render
 from picotron_jax.train.state import init_params

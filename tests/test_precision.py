@@ -10,7 +10,7 @@ import pytest
 
 from helpers import MESHES, preset, setup, synthetic_batch
 from picotron_jax.cli import main
-from picotron_jax.config import validate
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 from picotron_jax.observe.memory import live_arrays_stats
 from picotron_jax.train import precision as mp

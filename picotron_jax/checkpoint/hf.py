@@ -139,6 +139,9 @@ def apply_hf_model_config(source: list[str], cfg: Config) -> str:
     kind, path = source
     if kind != "hf":
         raise UserError(f"--from {kind!r}: the only supported source format is 'hf' (--from hf PATH)")
+    if cfg.moe.enabled:
+        raise UserError(f"--from hf {path}: Hugging Face Llama folders hold dense models; this config has MoE layers "
+                        f"(moe.num_experts = {cfg.moe.num_experts}). Set moe.num_experts=0")
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise UserError(f"--from hf {path}: no config.json there (a Hugging Face Llama folder holds config.json and "
@@ -157,7 +160,11 @@ def train_state_from_hf(path: str, cfg: Config, setup: Any) -> Any:
                           host, setup.spec.shapes, setup.shardings.params)
 
     def create(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params))
+        from picotron_jax.train.precision import init_loss_scale
+
+        scale = init_loss_scale(cfg) if setup.abstract.loss_scale is not None else None  # fp16 runs
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                          loss_scale=scale)
 
     return jax.jit(create, out_shardings=setup.shardings)(params)
 
@@ -180,6 +187,9 @@ def export_to_hf(step_dir: Any, out: Path, dtype: str = "float32") -> Path:
     from safetensors.numpy import save_file
 
     params, cfg = load_checkpoint_params(step_dir)
+    if cfg.moe.enabled:
+        raise UserError(f"checkpoint {step_dir} is a Mixture-of-Experts model (moe.num_experts = "
+                        f"{cfg.moe.num_experts}); export --to hf writes dense Llama folders only")
     out.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(params, cfg.model, DTYPES[dtype])
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

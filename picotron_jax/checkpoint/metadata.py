@@ -12,10 +12,13 @@ from typing import Any
 import jax
 
 from picotron_jax.config import Config
+from picotron_jax.observe import metrics as observe_metrics
 
 PACKAGES = ("picotron-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "numpy")
 # model fields that do not change the saved arrays or the math (free to differ on resume)
 NON_ARCHITECTURE_FIELDS = ("scan_unroll", "init_std")
+# moe fields that decide which layer each saved array belongs to (models/moe_layers.py)
+MOE_LAYOUT_FIELDS = ("num_experts", "expert_size", "shared_experts", "first_dense_layers", "every_n_layers")
 
 
 def _versions() -> dict[str, str]:
@@ -72,18 +75,34 @@ def build(step: int, cfg: Config, tree: Any, extra: dict) -> dict[str, Any]:
 
 
 def model_differences(saved: dict, cfg: Config) -> list[str]:
-    """'model.hidden_size: 64 in the checkpoint, 128 in this run' for each architecture field that differs."""
-    saved_model = saved.get("config", {}).get("model", {})
-    current = cfg.to_dict()["model"]
-    return [f"model.{k}: {saved_model[k]!r} in the checkpoint, {v!r} in this run" for k, v in current.items()
-            if k in saved_model and k not in NON_ARCHITECTURE_FIELDS and saved_model[k] != v]
+    """'model.hidden_size: 64 in the checkpoint, 128 in this run' for each architecture field that differs
+    (the model section, and the MoE fields that place arrays in layers)."""
+    saved_cfg, current = saved.get("config", {}), cfg.to_dict()
+    fields = [("model", k) for k in current["model"] if k not in NON_ARCHITECTURE_FIELDS]
+    if saved_cfg.get("moe", {}).get("num_experts", 0) or current["moe"]["num_experts"]:
+        fields += [("moe", k) for k in MOE_LAYOUT_FIELDS]
+    out = []
+    for section, k in fields:
+        default = 0 if section == "moe" else None  # checkpoints from before MoE existed: a dense model
+        was, now = saved_cfg.get(section, {}).get(k, default), current[section][k]
+        if was is not None and was != now:
+            out.append(f"{section}.{k}: {was!r} in the checkpoint, {now!r} in this run")
+    return out
+
+
+def array_differences(saved: dict, target_names: list[str]) -> list[str]:
+    """Arrays the checkpoint has that this run's state lacks, and the reverse (names as in `arrays`)."""
+    if "arrays" not in saved:
+        return []
+    was, now = set(saved["arrays"]), set(target_names)
+    out = []
+    if was - now:
+        out.append(f"only in the checkpoint: {', '.join(sorted(was - now)[:6])}")
+    if now - was:
+        out.append(f"only in this run: {', '.join(sorted(now - was)[:6])}")
+    return out
 
 
 def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "? B"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    """Sizes in checkpoint messages and listings: '8.4 MiB'."""
+    return observe_metrics.human_bytes(n, sep=" ")

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from picotron_jax.checkpoint.manager import state_tree
-from picotron_jax.checkpoint.metadata import model_differences
+from picotron_jax.checkpoint.metadata import array_differences, leaf_names, model_differences
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
 from picotron_jax.errors import UserError
@@ -85,6 +85,11 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
         raise UserError(f"checkpoint {step_dir} was saved with another model: {'; '.join(differences)}. Resume "
                         f"with the checkpoint's model settings, or start a new run without --resume")
     target = _target(abstract, shardings)
+    mismatch = array_differences(meta, leaf_names(target))
+    if mismatch:
+        raise UserError(f"checkpoint {step_dir} holds other arrays than this run's train state "
+                        f"({'; '.join(mismatch)}): it was written with other settings (e.g. precision.mode fp16 adds a loss scale, "
+                        f"moe.bias_update_rate > 0 a router bias). Resume with the checkpoint's settings")
     saved_fields = set(meta.get("fields", target))
     if saved_fields != set(target):
         raise UserError(f"checkpoint {step_dir} holds train-state fields {sorted(saved_fields)} but this run's "

@@ -108,7 +108,7 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 
 
 def _plan(cfg: Config, devices: list, args) -> dict:
-    from picotron_jax.config import REMAT_POLICIES
+    from picotron_jax.config_checks import REMAT_POLICIES
     from picotron_jax.memory.planner import candidate_space, choose, format_plan, parse_bytes, plan
 
     if not args.budget:
@@ -118,6 +118,9 @@ def _plan(cfg: Config, devices: list, args) -> dict:
     if remats and (bad := [r for r in remats if r not in REMAT_POLICIES]):
         raise UserError(f"--remat {args.remat!r}: {bad[0]!r} is not a policy; valid: {', '.join(REMAT_POLICIES)}")
     space = candidate_space(cfg, len(devices), remats, _ints(args.accum, "--accum"), _ints(args.zero, "--zero"))
+    if not space:
+        raise UserError("--plan: no candidate (remat x grad_accum x zero) is valid for this config; widen --remat, "
+                        "--accum or --zero (MoE models and pipelines take memory.remat=none only)")
     table = plan(cfg, devices, space, log=lambda s: print(s, file=sys.stderr))
     choice = choose(table, budget)
     print(format_plan(table, budget, choice))

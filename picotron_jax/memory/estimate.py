@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from picotron_jax.config import Config, validate
+from picotron_jax.config import Config
+from picotron_jax.config_checks import validate
 from picotron_jax.memory.flops import traced_flops_per_device
 from picotron_jax.mesh import build_mesh, describe
 from picotron_jax.observe.hlo import collective_bytes
@@ -38,7 +39,7 @@ class MemoryEstimate:
     platform: str
     precision: str
     remat: str
-    grad_accum: int
+    grad_accum: int  # microbatches per step (pipeline.microbatches when mesh.pipe > 1)
     zero_stage: int
     params_bytes: int  # per device, as stored (fp32 master weights)
     opt_state_bytes: int
@@ -95,7 +96,7 @@ def estimate_from_compiled(cfg: Config, compiled: Any, rules: MeshRules, setup: 
     temp = m.temp_size_in_bytes
     return MemoryEstimate(
         mesh=describe(rules.mesh), devices=rules.mesh.size, platform=rules.mesh.devices.flat[0].platform,
-        precision=setup.policy.describe(), remat=cfg.memory.remat, grad_accum=cfg.train.grad_accum,
+        precision=setup.policy.describe(), remat=cfg.memory.remat, grad_accum=cfg.pipeline.microbatches if rules.mesh.shape["pipe"] > 1 else cfg.train.grad_accum,
         zero_stage=cfg.train.zero_stage, params_bytes=params, opt_state_bytes=opt, other_state_bytes=other,
         batch_bytes=max(argument - params - opt - other, 0), grads_bytes=min(grads, temp),
         activations_bytes=max(temp - grads, 0), temp_bytes=temp, argument_bytes=argument, output_bytes=output,

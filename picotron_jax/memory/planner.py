@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from picotron_jax.config import Config, resolve_mesh_shape
+from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 from picotron_jax.memory.estimate import MemoryEstimate, estimate_memory, mib
 
@@ -46,7 +47,8 @@ class Candidate:
 
 def candidate_space(cfg: Config, num_devices: int, remats: Iterable[str] | None = None,
                     accums: Iterable[int] | None = None, zeros: Iterable[int] | None = None) -> list[tuple]:
-    """(remat, grad_accum, zero_stage) triples that are valid for this mesh and batch."""
+    """(remat, grad_accum, zero_stage) triples that are valid for this mesh and batch (config validation
+    decides: MoE models and pipelines take no remat policy, pipelines no grad_accum)."""
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     batch_ways = sizes["data"] * sizes["expert"]
     B = cfg.train.global_batch
@@ -54,7 +56,16 @@ def candidate_space(cfg: Config, num_devices: int, remats: Iterable[str] | None 
         accums = [m for m in (1, 2, 4, 8, 16, 32) if B % m == 0 and (B // m) % batch_ways == 0]
     if zeros is None:
         zeros = (0, 1, 3) if sizes["data"] > 1 else (0,)  # without a data axis the stages are the same program
-    return [(r, m, z) for r in (remats or DEFAULT_REMATS) for m in accums for z in zeros]
+    space = [(r, m, z) for r in (remats or DEFAULT_REMATS) for m in accums for z in zeros]
+    return [c for c in space if _is_valid(configured(cfg, *c), num_devices)]  # e.g. MoE and pipelines: no remat
+
+
+def _is_valid(cfg: Config, num_devices: int) -> bool:
+    try:
+        validate(cfg, num_devices)
+    except UserError:
+        return False
+    return True
 
 
 def speed_key(c: Candidate, min_flops: float) -> tuple:

@@ -46,12 +46,15 @@ def device_memory_bytes(devices: list[jax.Device]) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def human_bytes(n: float) -> str:
+def human_bytes(n: float | None, sep: str = "") -> str:
+    """1288490188 -> '1.2GiB' (sep=' ': '1.2 GiB'); None -> '?'."""
+    if n is None:
+        return f"?{sep}B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+            return f"{n:.1f}{sep}{unit}" if unit != "B" else f"{int(n)}{sep}B"
         n /= 1024
-    return f"{n:.1f}TiB"
+    return f"{n:.1f}{sep}TiB"
 
 
 def format_log_line(row: dict[str, Any], total_steps: int) -> str:

@@ -263,7 +263,7 @@ def render(s: Schedule) -> str:
 
 def schedule_of_config(cfg, pipe: int | None = None) -> Schedule:
     """The schedule a run config produces (`pipe`: the resolved mesh.pipe; default the config's)."""
-    from picotron_jax.config import validate_pipeline
+    from picotron_jax.config_checks import validate_pipeline
     from picotron_jax.errors import UserError
 
     pipe = cfg.mesh.pipe if pipe is None else pipe

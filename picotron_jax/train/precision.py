@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from picotron_jax.config import DTYPE_NAMES, Config, parse_precision_overrides
+from picotron_jax.config import Config
+from picotron_jax.config_checks import DTYPE_NAMES, parse_precision_overrides
 from picotron_jax.errors import UserError
 from picotron_jax.models.llama import LAYER_PARAMS
 

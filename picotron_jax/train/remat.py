@@ -33,7 +33,8 @@ from typing import Callable
 
 import jax
 
-from picotron_jax.config import Config, parse_remat
+from picotron_jax.config import Config
+from picotron_jax.config_checks import parse_remat
 from picotron_jax.models.llama import scan_layers
 
 ATTENTION_TAGS = ("wq", "wk", "wv", "attention", "wo")

@@ -101,6 +101,11 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     grad_of_sums = jax.value_and_grad(scaled_loss_sums, has_aux=True)
     m = cfg.train.grad_accum
     param_shardings = setup.shardings.params
+    mlp_dtypes = [m for m, _ in setup.policy.module_dtypes if m in ("layers.w_gate", "layers.w_up", "layers.w_down")]
+    if cfg.moe.enabled and (setup.policy.loss_scaling or mlp_dtypes):
+        raise UserError(f"MoE layers (moe.num_experts = {cfg.moe.num_experts}) run their experts in the compute "
+                        f"dtype without loss scaling; {setup.policy.describe()} needs precision.mode fp32 or bf16 "
+                        f"without MLP overrides ({', '.join(mlp_dtypes) or 'none here'})")
     pipelined = None
     if rules.mesh.shape["pipe"] > 1:  # parallel/pipeline.py: the microbatches flow through the pipe stages
         from picotron_jax.parallel.pipeline import pipeline_loss_and_grads

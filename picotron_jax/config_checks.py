@@ -1,0 +1,293 @@
+"""Validation of a loaded Config: `validate(cfg, num_devices)` checks every section against the others
+and the device count before any work, with one UserError naming the field, its value and what would
+be valid; plus the parsers of the compact string fields (precision overrides, remat segments).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from picotron_jax.config import (
+    CLUSTERS,
+    MATMUL_PRECISIONS,
+    PIPELINE_SCHEDULES,
+    PRECISION_MODES,
+    Config,
+    DistributedConfig,
+    MemoryConfig,
+    ModelConfig,
+    MoEConfig,
+    PrecisionConfig,
+    resolve_mesh_shape,
+)
+from picotron_jax.errors import UserError
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def validate_distributed(d: DistributedConfig) -> None:
+    """Checks that need no devices: run before jax.distributed.initialize."""
+    _need(d.cluster in CLUSTERS,
+          f"config field 'distributed.cluster' = {d.cluster!r}: valid values are {', '.join(CLUSTERS)}")
+    if d.coordinator:
+        host, _, port = d.coordinator.rpartition(":")
+        _need(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+              f"config field 'distributed.coordinator' = {d.coordinator!r}: must be host:port of process 0, "
+              f"e.g. 10.0.0.1:1234")
+    _need(d.num_processes >= 0,
+          f"config field 'distributed.num_processes' = {d.num_processes}: must be >= 1 (or 0: from the cluster)")
+    _need(d.process_id >= -1,
+          f"config field 'distributed.process_id' = {d.process_id}: must be >= 0 (or -1: from the cluster)")
+    _need(d.num_processes == 0 or d.process_id < d.num_processes,
+          f"config field 'distributed.process_id' = {d.process_id}: must be below distributed.num_processes = "
+          f"{d.num_processes}")
+    ids = [x.strip() for x in d.local_device_ids.split(",")] if d.local_device_ids.strip() else []
+    _need(all(x.isdigit() for x in ids),
+          f"config field 'distributed.local_device_ids' = {d.local_device_ids!r}: must be comma-separated device "
+          f"numbers, e.g. 0,1,2,3 (or empty: JAX's choice)")
+    for name in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+        value = getattr(d, name)
+        _need(value >= 1, f"config field 'distributed.{name}' = {value}: must be >= 1 (seconds)")
+    _need(d.step_timeout_s >= 0, f"config field 'distributed.step_timeout_s' = {d.step_timeout_s}: must be >= 0 "
+                                 f"(seconds; 0 = off)")
+
+
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+REMAT_POLICIES = ("none", "full", "dots", "save_qkv", "save_attn", "names", "offload_attn")
+
+
+def parse_precision_overrides(text: str, where: str = "precision.overrides") -> list[tuple[str, str]]:
+    """"head:fp32,layers.w_*:bf16" -> [("head", "float32"), ("layers.w_*", "bfloat16")] (order kept)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        pattern, _, dtype = item.rpartition(":")
+        _need(bool(pattern) and dtype.strip() in DTYPE_NAMES,
+              f"config field '{where}' = {text!r}: each entry must be pattern:dtype with dtype one of "
+              f"{', '.join(DTYPE_NAMES)}, e.g. head:fp32,layers.w_*:bf16")
+        out.append((pattern.strip(), DTYPE_NAMES[dtype.strip()]))
+    return out
+
+
+def parse_remat(text: str, num_layers: int) -> list[tuple[str, int]]:
+    """"full" -> [("full", L)]; "full:2,none:2" -> consecutive layer segments; counts sum to L."""
+    allowed = ", ".join(REMAT_POLICIES)
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    _need(bool(items), f"config field 'memory.remat' = {text!r}: valid policies are {allowed}")
+    if len(items) == 1 and ":" not in items[0]:
+        items = [f"{items[0]}:{num_layers}"]
+    segments = []
+    for item in items:
+        name, _, count = item.partition(":")
+        _need(name in REMAT_POLICIES and count.isdigit() and int(count) > 0,
+              f"config field 'memory.remat' = {text!r}: expected a policy ({allowed}) or per-layer segments "
+              f"policy:count,... (e.g. full:2,none:2)")
+        segments.append((name, int(count)))
+    total = sum(c for _, c in segments)
+    _need(total == num_layers,
+          f"config field 'memory.remat' = {text!r}: the segments cover {total} layers but model.num_layers = "
+          f"{num_layers}")
+    return segments
+
+
+def validate_precision(p: PrecisionConfig) -> None:
+    _need(p.mode in PRECISION_MODES,
+          f"config field 'precision.mode' = {p.mode!r}: valid values are {', '.join(PRECISION_MODES)}")
+    _need(p.matmul in MATMUL_PRECISIONS,
+          f"config field 'precision.matmul' = {p.matmul!r}: valid values are {', '.join(MATMUL_PRECISIONS)}")
+    parse_precision_overrides(p.overrides)
+    _need(not p.policy_file or Path(p.policy_file).expanduser().is_file(),
+          f"config field 'precision.policy_file' = {p.policy_file!r}: no such file; write one with "
+          f"`picotron-jax precision analyze --config ... --out FILE`")
+    _need(p.loss_scale_init >= 1.0,
+          f"config field 'precision.loss_scale_init' = {p.loss_scale_init}: must be >= 1")
+    _need(p.loss_scale_growth_interval >= 1,
+          f"config field 'precision.loss_scale_growth_interval' = {p.loss_scale_growth_interval}: must be >= 1")
+    _need(p.promote_after >= 0, f"config field 'precision.promote_after' = {p.promote_after}: must be >= 0 (0 = never)")
+
+
+def validate_memory(m: MemoryConfig, num_layers: int) -> None:
+    segments = parse_remat(m.remat, num_layers)
+    names = [x.strip() for x in m.remat_names.split(",") if x.strip()]
+    _need(not any(name == "names" for name, _ in segments) or bool(names),
+          f"config field 'memory.remat_names' = {m.remat_names!r}: memory.remat=names needs the tags to keep, "
+          f"e.g. memory.remat_names=wq,wk,wv,attention")
+    _need(0.0 <= m.fraction < 1.0, f"config field 'memory.fraction' = {m.fraction}: must be in [0, 1) (0 = JAX's default)")
+
+
+def validate(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Check every cross-field constraint before any work; returns the resolved mesh sizes."""
+    m, t, o = cfg.model, cfg.train, cfg.optimizer
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        value = getattr(m, name)
+        _need(value > 0, f"config field 'model.{name}' = {value}: must be positive")
+    _need(m.num_heads % m.num_kv_heads == 0,
+          f"config field 'model.num_kv_heads' = {m.num_kv_heads}: must divide model.num_heads = {m.num_heads}")
+    _need(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,
+          f"config field 'model.hidden_size' = {m.hidden_size}: must be divisible by model.num_heads = "
+          f"{m.num_heads} (or set model.head_dim)")
+    _need(m.resolved_head_dim % 2 == 0,
+          f"config field 'model.head_dim' = {m.resolved_head_dim}: rotary embeddings need an even head_dim")
+    _need(m.scan_unroll >= 1, f"config field 'model.scan_unroll' = {m.scan_unroll}: must be >= 1")
+    _need(t.steps > 0, f"config field 'train.steps' = {t.steps}: must be positive")
+    _need(t.seq_len > 0, f"config field 'train.seq_len' = {t.seq_len}: must be positive")
+    _need(t.zero_stage in (0, 1, 3),
+          f"config field 'train.zero_stage' = {t.zero_stage}: valid values are 0 (plain DP), 1 (optimizer "
+          f"state sharded over data), 3 (parameters too, FSDP)")
+    _need(t.dtype in ("float32", "bfloat16"),
+          f"config field 'train.dtype' = {t.dtype!r}: valid values are 'float32', 'bfloat16'")
+    _need(t.dtype == "float32" or cfg.precision.mode in ("auto", "bf16"),
+          f"config field 'train.dtype' = {t.dtype!r} contradicts precision.mode = {cfg.precision.mode!r}; "
+          f"set only precision.mode (train.dtype=bfloat16 is the older spelling of precision.mode=bf16)")
+    _need(t.grad_accum >= 1, f"config field 'train.grad_accum' = {t.grad_accum}: must be >= 1")
+    _need(t.global_batch % t.grad_accum == 0,
+          f"config field 'train.global_batch' = {t.global_batch}: must be divisible by train.grad_accum = "
+          f"{t.grad_accum}")
+    _need(o.lr > 0, f"config field 'optimizer.lr' = {o.lr}: must be positive")
+    _need(0.0 <= o.min_lr_ratio <= 1.0, f"config field 'optimizer.min_lr_ratio' = {o.min_lr_ratio}: must be in [0, 1]")
+    _need(o.warmup_steps >= 0, f"config field 'optimizer.warmup_steps' = {o.warmup_steps}: must be >= 0")
+    _need(o.grad_clip >= 0, f"config field 'optimizer.grad_clip' = {o.grad_clip}: must be >= 0 (0 disables)")
+    _need(cfg.checkpoint.every >= 0, f"config field 'checkpoint.every' = {cfg.checkpoint.every}: must be >= 0")
+    _need(cfg.checkpoint.keep >= 0, f"config field 'checkpoint.keep' = {cfg.checkpoint.keep}: must be >= 0 (0 = all)")
+    c = cfg.checkpoint
+    _need(c.keep_every >= 0 and (c.keep_every == 0 or c.every == 0 or c.keep_every % c.every == 0),
+          f"config field 'checkpoint.keep_every' = {c.keep_every}: must be 0 (none) or a multiple of "
+          f"checkpoint.every = {c.every}")
+    _need(0 <= c.compression_level <= 22, f"config field 'checkpoint.compression_level' = {c.compression_level}: "
+                                          f"must be a zstd level 1-22, or 0 (uncompressed)")
+    _need(t.stop_at_step >= 0, f"config field 'train.stop_at_step' = {t.stop_at_step}: must be >= 0 (0 = off)")
+    _need(cfg.logging.every >= 1, f"config field 'logging.every' = {cfg.logging.every}: must be >= 1")
+    _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")
+    _need(cfg.bench.warmup >= 0, f"config field 'bench.warmup' = {cfg.bench.warmup}: must be >= 0")
+    validate_distributed(cfg.distributed)
+    validate_precision(cfg.precision)
+    validate_memory(cfg.memory, m.num_layers)
+
+    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+    validate_pipeline(cfg, sizes["pipe"], sizes)
+    cp = sizes["context"]
+    if cp > 1:
+        chunks = 2 * cp if t.context_zigzag else cp
+        layout = (f"2 x mesh.context = {chunks} (the zigzag layout cuts the sequence into 2 chunks per "
+                  f"context rank; train.context_zigzag=false needs only mesh.context)" if t.context_zigzag
+                  else f"mesh.context = {chunks}")
+        _need(t.seq_len % chunks == 0,
+              f"config field 'train.seq_len' = {t.seq_len}: must be divisible by {layout}; "
+              f"e.g. train.seq_len={max(chunks, t.seq_len // chunks * chunks)}")
+    tp = sizes["tensor"]
+    _need(m.num_heads % tp == 0,
+          f"config field 'model.num_heads' = {m.num_heads}: must be divisible by mesh.tensor = {tp}")
+    _need(m.num_kv_heads % tp == 0 or tp % m.num_kv_heads == 0,
+          f"config field 'model.num_kv_heads' = {m.num_kv_heads}: must be divisible by mesh.tensor = {tp}, or "
+          f"divide it (then each KV head is replicated on {max(tp // m.num_kv_heads, 1)} tensor ranks)")
+    _need(m.intermediate_size % tp == 0,
+          f"config field 'model.intermediate_size' = {m.intermediate_size}: must be divisible by "
+          f"mesh.tensor = {tp}")
+    _need(m.vocab_size % tp == 0,
+          f"config field 'model.vocab_size' = {m.vocab_size}: must be divisible by mesh.tensor = {tp} "
+          f"(vocabulary-parallel embedding); round it up, e.g. to {math.ceil(m.vocab_size / tp) * tp}")
+    validate_moe(cfg.moe, m, sizes)
+    _need(cfg.moe.num_experts == 0 or all(name == "none" for name, _ in parse_remat(cfg.memory.remat, m.num_layers)),
+          f"config field 'memory.remat' = {cfg.memory.remat!r}: remat policies apply to dense layer stacks; "
+          f"a model with MoE layers (moe.num_experts = {cfg.moe.num_experts}) needs memory.remat=none")
+    _need(cfg.moe.num_experts == 0 or cfg.precision.mode != "fp16",
+          f"config field 'precision.mode' = 'fp16': MoE layers (moe.num_experts = {cfg.moe.num_experts}) run "
+          f"without loss scaling; use precision.mode=fp32 or bf16")
+    batch_ways = sizes["data"] * sizes["expert"]
+    accum = cfg.pipeline.microbatches if sizes["pipe"] > 1 else t.grad_accum
+    micro = t.global_batch // accum
+    _need(micro % batch_ways == 0,
+          f"config field 'train.global_batch' = {t.global_batch}: each of the {accum} microbatch(es) "
+          f"has {micro} sequences, which must be divisible by mesh.data x mesh.expert = {batch_ways}")
+    return sizes
+
+
+def validate_moe(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> None:
+    """MoE fields, checked against the model and the resolved mesh sizes."""
+    _need(e.num_experts >= 0, f"config field 'moe.num_experts' = {e.num_experts}: must be >= 0 (0 = dense model)")
+    if not e.enabled:
+        return
+    E, ep, tp = e.num_experts, sizes["expert"], sizes["tensor"]
+    _need(1 <= e.top_k <= E,
+          f"config field 'moe.top_k' = {e.top_k}: must be between 1 and moe.num_experts = {E}")
+    _need(E % ep == 0,
+          f"config field 'moe.num_experts' = {E}: must be divisible by mesh.expert = {ep} (each expert rank "
+          f"holds num_experts / mesh.expert experts)")
+    _need(e.dispatch in ("capacity", "dropless"),
+          f"config field 'moe.dispatch' = {e.dispatch!r}: valid values are 'capacity', 'dropless'")
+    _need(e.dispatch != "capacity" or e.capacity_factor > 0,
+          f"config field 'moe.capacity_factor' = {e.capacity_factor}: must be > 0 in capacity mode "
+          f"(or set moe.dispatch=dropless)")
+    _need(e.score in ("softmax", "sigmoid"),
+          f"config field 'moe.score' = {e.score!r}: valid values are 'softmax', 'sigmoid'")
+    _need(e.expert_size >= 0, f"config field 'moe.expert_size' = {e.expert_size}: must be >= 0 "
+                              f"(0 = model.intermediate_size)")
+    size = e.expert_size or m.intermediate_size
+    _need(size % tp == 0,
+          f"config field 'moe.expert_size' = {size}: must be divisible by mesh.tensor = {tp}")
+    _need(e.shared_experts >= 0, f"config field 'moe.shared_experts' = {e.shared_experts}: must be >= 0")
+    _need(0 <= e.first_dense_layers < m.num_layers,
+          f"config field 'moe.first_dense_layers' = {e.first_dense_layers}: must be in [0, model.num_layers = "
+          f"{m.num_layers})")
+    _need(e.every_n_layers >= 1, f"config field 'moe.every_n_layers' = {e.every_n_layers}: must be >= 1")
+    rest = m.num_layers - e.first_dense_layers
+    _need(rest % e.every_n_layers == 0,
+          f"config field 'moe.every_n_layers' = {e.every_n_layers}: must divide model.num_layers - "
+          f"moe.first_dense_layers = {rest} (the layers after the dense ones repeat [MoE, dense x (N-1)])")
+    for name in ("aux_loss", "router_z_loss", "bias_update_rate"):
+        value = getattr(e, name)
+        _need(value >= 0, f"config field 'moe.{name}' = {value}: must be >= 0 (0 = off)")
+    _need(sizes["pipe"] == 1, "MoE layers do not compose with mesh.pipe > 1 yet; set mesh.pipe=1")
+
+
+def validate_pipeline(cfg: Config, pipe: int, sizes: dict[str, int] | None = None) -> None:
+    """Pipeline checks; `sizes` (the resolved mesh) adds the ones that involve other axes."""
+    pc, m, t = cfg.pipeline, cfg.model, cfg.train
+    _need(pc.schedule in PIPELINE_SCHEDULES,
+          f"config field 'pipeline.schedule' = {pc.schedule!r}: valid values are {', '.join(PIPELINE_SCHEDULES)}")
+    if pipe == 1:
+        _need(pc.schedule == "none",
+              f"config field 'pipeline.schedule' = {pc.schedule!r} needs mesh.pipe > 1 (it is 1); set "
+              f"mesh.pipe to the number of pipeline stages, or pipeline.schedule=none")
+        return
+    _need(pc.schedule != "none",
+          f"config field 'mesh.pipe' = {pipe} needs a pipeline schedule: set pipeline.schedule to afab, 1f1b "
+          f"or interleaved")
+    _need(pc.microbatches >= 1, f"config field 'pipeline.microbatches' = {pc.microbatches}: must be >= 1")
+    v = pc.virtual_stages if pc.schedule == "interleaved" else 1
+    if pc.schedule == "interleaved":
+        _need(pc.virtual_stages >= 2,
+              f"config field 'pipeline.virtual_stages' = {pc.virtual_stages}: the interleaved schedule needs >= 2 "
+              f"layer chunks per pipe rank (or use pipeline.schedule=1f1b)")
+        _need(pc.microbatches % pipe == 0,
+              f"config field 'pipeline.microbatches' = {pc.microbatches}: the interleaved schedule runs "
+              f"microbatches in groups of mesh.pipe = {pipe}, so it must be a multiple of {pipe}")
+    _need(m.num_layers % (pipe * v) == 0,
+          f"config field 'model.num_layers' = {m.num_layers}: must be divisible into mesh.pipe x chunks = "
+          f"{pipe} x {v} = {pipe * v} pipeline stages of equal size")
+    _need(all(name == "none" for name, _ in parse_remat(cfg.memory.remat, m.num_layers)),
+          f"config field 'memory.remat' = {cfg.memory.remat!r}: with mesh.pipe > 1 each stage's backward already "
+          f"recomputes its forward (parallel/pipeline.py); set memory.remat=none")
+    _need(cfg.precision.mode != "fp16",
+          f"config field 'precision.mode' = 'fp16': pipeline parallelism (mesh.pipe = {pipe}) runs without loss "
+          f"scaling; use precision.mode=fp32 or bf16")
+    _need(t.grad_accum == 1,
+          f"config field 'train.grad_accum' = {t.grad_accum}: with mesh.pipe > 1 the step's microbatches are "
+          f"pipeline.microbatches; set train.grad_accum=1")
+    _need(t.global_batch % pc.microbatches == 0,
+          f"config field 'train.global_batch' = {t.global_batch}: must be divisible by pipeline.microbatches = "
+          f"{pc.microbatches}")
+    if sizes is None:
+        return
+    _need(sizes["context"] == 1,
+          f"config field 'mesh.context' = {sizes['context']}: pipeline parallelism (mesh.pipe = {pipe}) does not "
+          f"combine with context parallelism; use mesh.context=1")
+    _need(m.num_kv_heads % sizes["tensor"] == 0,
+          f"config field 'model.num_kv_heads' = {m.num_kv_heads}: with mesh.pipe > 1 it must be divisible by "
+          f"mesh.tensor = {sizes['tensor']} (pipeline stages do not replicate KV heads)")
