@@ -229,6 +229,7 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t_window
                     tps = window_steps * tokens_per_step / elapsed if window_steps and elapsed > 0 else math.nan
+                    memory_stats = device_memory_stats(run.devices)  # {} on CPU
                     row = {
                         "step": step + 1,
                         "loss": float(metrics["loss"]),
@@ -238,13 +239,13 @@ def train(cfg: Config, run_dir: Path, console: Console | None = None, resume: bo
                         "tokens": int(metrics["tokens"]),
                         "tokens_per_s": tps,
                         "mfu": tps * fpt / peak if peak and math.isfinite(tps) else math.nan,
-                        "memory_bytes": device_memory_bytes(run.devices),
+                        "memory_bytes": device_memory_bytes(run.devices, memory_stats),
                         "time_s": time.perf_counter() - t_start,
                         **moe_aux.log_fields(cfg, metrics),
                     }
                     if "loss_scale" in metrics:  # fp16 (train/precision.py)
                         row.update(loss_scale=float(metrics["loss_scale"]), skipped_steps=int(metrics["skipped_steps"]))
-                    row.update(device_memory_stats(run.devices))
+                    row.update(memory_stats)
                     if cfg.memory.live_arrays:
                         row.update(live_arrays_stats())
                     if not math.isfinite(row["loss"]):

@@ -45,11 +45,11 @@ def _project_bwd(spec, residuals, dy):
     dy = dy.astype(w.dtype)
     dx = jnp.einsum(f"{ys},{ws}->{xs}", dy, w)  # [.., in]: dy against the weight
     dw = jnp.einsum(f"{xs},{ys}->{ws}", x.astype(w.dtype), dy)  # weight layout, contracting over batch and time
-    return _sum_to_type(dx, x), _sum_to_type(dw, w)
+    return sum_to_type(dx, x), sum_to_type(dw, w)
 
 
-def _sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
-    """Inside a shard_map (parallel/pipeline.py): psum a gradient over the mesh axes it varies on but
+def sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """Inside a shard_map (pipeline stages, expert and vocabulary shards): psum a gradient over the mesh axes it varies on but
     its primal does not, as autodiff would (dx of a projection split over `tensor`). Outside, a cast."""
     extra = tuple(sorted(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying))
     return (jax.lax.psum(grad, extra) if extra else grad).astype(primal.dtype)

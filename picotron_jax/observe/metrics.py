@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import psutil
 
+from picotron_jax.observe.memory import device_memory_stats
+
 
 class MetricsWriter:
     """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (flushed every row)."""
@@ -32,18 +34,11 @@ class MetricsWriter:
             self._file = None
 
 
-def device_memory_bytes(devices: list[jax.Device]) -> int:
-    """Peak bytes in use on the first device (accelerators), or this process's RSS on CPU."""
-    stats = None
-    try:
-        stats = devices[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"])
-    if stats and "bytes_in_use" in stats:
-        return int(stats["bytes_in_use"])
-    return int(psutil.Process().memory_info().rss)
+def device_memory_bytes(devices: list[jax.Device], stats: dict[str, Any] | None = None) -> int:
+    """Peak bytes in use on the first device (accelerators), or this process's RSS on CPU. `stats`: the
+    row `observe/memory.device_memory_stats` already read this interval (read here when None)."""
+    stats = device_memory_stats(devices) if stats is None else stats
+    return stats.get("mem_peak") or stats.get("mem_in_use") or int(psutil.Process().memory_info().rss)
 
 
 def human_bytes(n: float | None, sep: str = "") -> str:

@@ -25,47 +25,18 @@ lower-case b, t: this device's batch rows and sequence positions; M = b*t*K toke
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from picotron_jax.models.linear import project
 from picotron_jax.models.moe import ragged_swiglu, sort_by_expert, swiglu_experts
 
 if TYPE_CHECKING:
     from picotron_jax.parallel.sharding import MeshRules
 
 EXPERT, TENSOR = "expert", "tensor"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _project_local(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`project` inside shard_map: its gradients are summed over the mesh axes they vary on but their
-    primal does not (dW over the batch axes, dx over `tensor`), as plain autodiff would."""
-    return project(spec, x, w)
-
-
-def _project_local_fwd(spec, x, w):
-    return project(spec, x, w), (x, w)
-
-
-def _project_local_bwd(spec, residuals, dy):
-    x, w = residuals
-    (xs, ws), ys = spec.split("->")[0].split(","), spec.split("->")[1]
-    dx = jnp.einsum(f"{ys},{ws}->{xs}", dy, w)  # the same dots as models/linear.py's VJP
-    dw = jnp.einsum(f"{xs},{ys}->{ws}", x, dy)
-    return _sum_to_type(dx, x).astype(x.dtype), _sum_to_type(dw, w).astype(w.dtype)
-
-
-def _sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
-    extra = tuple(sorted(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying))
-    return jax.lax.psum(grad, extra) if extra else grad
-
-
-_project_local.defvjp(_project_local_fwd, _project_local_bwd)
 
 
 def _axis(rules: "MeshRules", name: str) -> str | None:
@@ -90,7 +61,7 @@ def expert_parallel_capacity(rules: "MeshRules", x_EBCD: jax.Array, w_gate_EDF, 
     def local(x_EbCD, wg, wu, wd):
         if ep > 1:  # send expert slice j to rank j: [E, b, C, D] -> [E/ep, ep * b, C, D]
             x_EbCD = jax.lax.all_to_all(x_EbCD, EXPERT, split_axis=0, concat_axis=1, tiled=True)
-        y = swiglu_experts(x_EbCD, wg, wu, wd, dot=_project_local)
+        y = swiglu_experts(x_EbCD, wg, wu, wd)  # project sums its grads like autodiff
         if tp > 1:
             y = jax.lax.psum(y, TENSOR)
         if ep > 1:  # and back: [E/ep, ep * b, C, D] -> [E, b, C, D]

@@ -41,7 +41,7 @@ from picotron_jax.models.attention import causal_attention, rotary_tables
 from picotron_jax.models.llama import decoder_layers, rms_norm
 from picotron_jax.parallel.pipeline_schedule import Schedule, schedule_of_config
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_spec
-from picotron_jax.parallel.vocab import _local_xent, local_vocab_embed
+from picotron_jax.parallel.vocab import local_xent, local_vocab_embed
 
 PIPE, TENSOR = "pipe", "tensor"
 F32 = jnp.float32
@@ -130,7 +130,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
 
         def head_loss(final_norm, head, y_bTD, i):
             h_bTD = rms_norm(y_bTD, final_norm, mc.rms_norm_eps)
-            nll, z = _local_xent(head_spec, h_bTD, head.astype(cd), micro["targets"][i],
+            nll, z = local_xent(head_spec, h_bTD, head.astype(cd), micro["targets"][i],
                                  micro["mask"][i].astype(F32))
             return nll + z_coef * z, (nll, z)
 

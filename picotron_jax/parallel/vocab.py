@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from picotron_jax.models.linear import sum_to_type
+
 if TYPE_CHECKING:
     from picotron_jax.parallel.sharding import MeshRules
 
@@ -59,7 +61,7 @@ def _local_xent_stats(h_btD, w, tgt_bt, head_spec: str):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _local_xent(head_spec: str, h_btD, w, tgt_bt, m_bt):
+def local_xent(head_spec: str, h_btD, w, tgt_bt, m_bt):
     """(sum of mask * (lse - target logit), sum of mask * lse^2) over this rank's tokens."""
     return _local_xent_fwd(head_spec, h_btD, w, tgt_bt, m_bt)[0]
 
@@ -89,17 +91,10 @@ def _local_xent_bwd(head_spec, residuals, cotangents):
     h_sub, w_sub, y_sub = head_spec.replace("->", ",").split(",")
     dh_btD = jnp.einsum(f"{y_sub},{w_sub}->{h_sub}", dlogits_btv, w)
     dw = jnp.einsum(f"{h_sub},{y_sub}->{w_sub}", h_btD, dlogits_btv)
-    return _sum_to_type(dh_btD, h_btD), _sum_to_type(dw, w), None, None
+    return sum_to_type(dh_btD, h_btD), sum_to_type(dw, w), None, None
 
 
-def _sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
-    """psum a gradient over the mesh axes it varies on but its primal does not (what autodiff does:
-    dh sums the vocabulary shards over `tensor`, dW sums the batch shards over data/context)."""
-    extra = tuple(sorted(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying))
-    return (jax.lax.psum(grad, extra) if extra else grad).astype(primal.dtype)
-
-
-_local_xent.defvjp(_local_xent_fwd, _local_xent_bwd)
+local_xent.defvjp(_local_xent_fwd, _local_xent_bwd)
 
 
 def vocab_parallel_cross_entropy(
@@ -121,7 +116,7 @@ def vocab_parallel_cross_entropy(
     head_spec, w_spec = ("btd,vd->btv", P(TENSOR, None)) if vocab_first else ("btd,dv->btv", P(None, TENSOR))
 
     def local(h_btD, w, tgt_bt, m_bt):
-        nll, z = _local_xent(head_spec, h_btD, w, tgt_bt, m_bt.astype(jnp.float32))
+        nll, z = local_xent(head_spec, h_btD, w, tgt_bt, m_bt.astype(jnp.float32))
         if batch_axes:
             nll, z = jax.lax.psum(nll, batch_axes), jax.lax.psum(z, batch_axes)
         return nll, z
