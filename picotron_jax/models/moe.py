@@ -30,13 +30,16 @@ N = B*T tokens, M = N*K token copies.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from picotron_jax.config import MoEConfig
 from picotron_jax.models.linear import project
+
+if TYPE_CHECKING:  # models/ops.py imports this module
+    from picotron_jax.models.ops import ParallelOps
 
 F32 = jnp.float32
 
@@ -170,7 +173,7 @@ def dropless_experts(x_BTD: jax.Array, experts_BTK: jax.Array, w_gate_EDF, w_up_
 # ------------------------------------------------------------------------------ the block
 
 
-def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: Any) -> tuple[jax.Array, dict]:
+def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: "ParallelOps") -> tuple[jax.Array, dict]:
     """MoE feed-forward of one layer: normed h [B, T, D] -> (output [B, T, D], stats).
 
     `p`: router [D, E] (fp32), router_bias [E] (if balancing by bias), w_gate/w_up [E, D, F],

@@ -33,38 +33,15 @@ are the local (per-device) batch and sequence lengths inside `shard_map`.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from picotron_jax.models.attention import NEG_INF, causal_attention
-
-if TYPE_CHECKING:
-    from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.parallel.sharding import MeshRules, sequence_order, zigzag_order  # noqa: F401 (the layout)
 
 CONTEXT = "context"
 F32 = jnp.float32
-
-
-# ------------------------------------------------------------------------------ sequence layout
-
-
-def zigzag_order(seq_len: int, context: int) -> np.ndarray:
-    """Natural position of each layout column: device i's slice holds chunks i and 2c-1-i."""
-    if seq_len % (2 * context):
-        raise ValueError(f"seq_len {seq_len} is not divisible by 2 x context = {2 * context}")
-    chunks = np.arange(seq_len).reshape(2 * context, seq_len // (2 * context))
-    return np.concatenate([np.concatenate([chunks[i], chunks[2 * context - 1 - i]]) for i in range(context)])
-
-
-def sequence_order(seq_len: int, context: int, zigzag: bool) -> np.ndarray:
-    """The layout's column -> natural position map (arange unless zigzag with context > 1)."""
-    if context > 1 and zigzag:
-        return zigzag_order(seq_len, context)
-    return np.arange(seq_len)
 
 
 # ------------------------------------------------------------------------------ block kernels
@@ -213,7 +190,7 @@ _ring_attention_local.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 # ------------------------------------------------------------------------------ entry points
 
 
-def _specs_and_kv(rules: "MeshRules", q_BTHK, k_BTGK, v_BTGK):
+def _specs_and_kv(rules: MeshRules, q_BTHK, k_BTGK, v_BTGK):
     """Partition specs (batch over data/expert, seq over context, heads over tensor). When the KV
     heads do not divide by `tensor` (e.g. 4 KV heads on tensor=8) they are repeated up to `tensor`
     heads first, so each rank gets exactly the KV head its query heads use (Megatron replicates
@@ -234,7 +211,7 @@ def _grouped(q_bnHK, g: int):
     return q_bnHK.reshape(b, n, g, hl // g, K)
 
 
-def ring_attention(rules: "MeshRules", q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array,
+def ring_attention(rules: MeshRules, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array,
                    zigzag: bool = True) -> jax.Array:
     """Causal GQA attention with the sequence split over `context`, in the layout of
     `sequence_order(T, c, zigzag)` (q, k, v already rotated with the matching positions)."""
@@ -250,14 +227,14 @@ def ring_attention(rules: "MeshRules", q_BTHK: jax.Array, k_BTGK: jax.Array, v_B
     )
 
 
-def context_attention(rules: "MeshRules", q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
-    """`MeshRules.attention`: the ring when the sequence is split over `context`, else the fused kernel."""
+def context_attention(rules: MeshRules, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
+    """`MeshOps.attention` (parallel/ops.py): the ring when the sequence is split over `context`, else the fused kernel."""
     if rules.mesh.shape[CONTEXT] == 1:
         return causal_attention(q_BTHK, k_BTGK, v_BTGK)
     return ring_attention(rules, q_BTHK, k_BTGK, v_BTGK, zigzag=rules.context_zigzag)
 
 
-def ring_attention_work(rules: "MeshRules", q_BTHK, k_BTGK, v_BTGK, zigzag: bool = True) -> jax.Array:
+def ring_attention_work(rules: MeshRules, q_BTHK, k_BTGK, v_BTGK, zigzag: bool = True) -> jax.Array:
     """Query x key pairs scored by each context rank in the forward ring: [c] (balance measurement;
     the backward ring takes the same branches, so it has the same balance)."""
     c = rules.mesh.shape[CONTEXT]

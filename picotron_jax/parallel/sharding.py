@@ -1,5 +1,9 @@
 """One table maps logical axis names to mesh axes; everything else derives shardings from it.
 
+Only layouts live here (specs, shardings, the sequence order of context parallelism); the model's
+parallel operations that need code (vocabulary-parallel embedding, ring attention, expert
+all-to-alls) are in `parallel/ops.py`, which reads its axes from this table.
+
 Parameters and activations carry logical names (`embed`, `heads`, `mlp`, ...). Data and tensor
 parallelism are nothing but these rules; ZeRO adds `embed -> data` for the optimizer state
 (stage 1) or for the parameters too (stage 3, FSDP), as in MaxText's `fsdp` axis.
@@ -13,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -34,7 +39,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 # ZeRO: parameters (stage 3) / optimizer state (stages 1 and 3) are additionally split over `data`.
 ZERO_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_RULES, "embed": ("data",)}
 
-BATCH_AXES = LOGICAL_RULES["batch"]
 
 
 def logical_to_spec(
@@ -114,38 +118,37 @@ class MeshRules:
         """[batch, seq] token arrays: rows over data x expert, sequence over context."""
         return self.named(self.activation_spec(("batch", "seq")))
 
-    def embed(self, table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-        from picotron_jax.parallel.vocab import vocab_parallel_embed
+    def mesh_axes(self, *logical: str) -> tuple[str, ...]:
+        """The mesh axes (of size > 1) that these logical axes are split over, in rule order: e.g.
+        `mesh_axes("batch")` are the axes a per-example sum must be reduced over, `mesh_axes("batch",
+        "seq")` those of a per-token sum. Callers derive reductions from the table, never spell axes."""
+        out: list[str] = []
+        for name in logical:
+            out.extend(a for a in LOGICAL_RULES.get(name, ()) if self.mesh.shape[a] > 1 and a not in out)
+        return tuple(out)
 
-        return vocab_parallel_embed(self, table_VD, tokens_BT)
+    def sequence_order(self, seq_len: int) -> np.ndarray:
+        """Natural position of each sequence column in this layout (arange unless zigzag)."""
+        return sequence_order(seq_len, self.mesh.shape[LOGICAL_RULES["seq"][0]], self.context_zigzag)
 
-    def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
-        """Causal attention; with the sequence split over `context`, ring attention."""
-        from picotron_jax.parallel.context import context_attention
 
-        return context_attention(self, q_BTHK, k_BTGK, v_BTGK)
+# ------------------------------------------------------------------------------ sequence layout
 
-    def capacity_experts(self, x_EBCD, w_gate, w_up, w_down):
-        """MoE capacity buffers through their experts, experts split over `expert` (parallel/expert.py)."""
-        from picotron_jax.parallel.expert import expert_parallel_capacity
 
-        return expert_parallel_capacity(self, x_EBCD, w_gate, w_up, w_down)
+def zigzag_order(seq_len: int, context: int) -> np.ndarray:
+    """Natural position of each layout column: context rank i holds chunks i and 2c-1-i of the 2c
+    chunks, so every rank does the same causal work (parallel/context.py)."""
+    if seq_len % (2 * context):
+        raise ValueError(f"seq_len {seq_len} is not divisible by 2 x context = {2 * context}")
+    chunks = np.arange(seq_len).reshape(2 * context, seq_len // (2 * context))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * context - 1 - i]]) for i in range(context)])
 
-    def dropless_experts(self, x_BTD, experts_BTK, w_gate, w_up, w_down):
-        """MoE token copies through their experts without drops (parallel/expert.py)."""
-        from picotron_jax.parallel.expert import expert_parallel_dropless
 
-        return expert_parallel_dropless(self, x_BTD, experts_BTK, w_gate, w_up, w_down)
-
-    def sum_partials(self, y: jax.Array) -> jax.Array:
-        """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
-        return y
-
-    def sequence_order(self, seq_len: int):
-        """Natural position of each sequence column in this layout (numpy; arange unless zigzag)."""
-        from picotron_jax.parallel.context import sequence_order
-
-        return sequence_order(seq_len, self.mesh.shape["context"], self.context_zigzag)
+def sequence_order(seq_len: int, context: int, zigzag: bool) -> np.ndarray:
+    """The layout's column -> natural position map (arange unless zigzag with context > 1)."""
+    if context > 1 and zigzag:
+        return zigzag_order(seq_len, context)
+    return np.arange(seq_len)
 
 
 def _map_axes(fn, logical_axes: Any, shapes: Any) -> Any:

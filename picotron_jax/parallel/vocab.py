@@ -8,28 +8,24 @@ never exist on one device: the softmax normaliser is combined with pmax/psum ove
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from picotron_jax.models.linear import sum_to_type
+from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules
 
-if TYPE_CHECKING:
-    from picotron_jax.parallel.sharding import MeshRules
-
-TENSOR = "tensor"
+(TENSOR,) = LOGICAL_RULES["vocab"]  # the vocabulary's mesh axis (inside shard_maps manual over it)
 
 
 def _local_vocab_range(rows: int) -> jax.Array:
     return jax.lax.axis_index(TENSOR) * rows
 
 
-def vocab_parallel_embed(rules: "MeshRules", table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+def vocab_parallel_embed(rules: MeshRules, table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     """tokens [B, T] -> embeddings [B, T, D]; each rank looks up the tokens it owns, then psum."""
-    tok_spec = rules.activation_spec(("batch", "seq"))
-    out_spec = rules.activation_spec(("batch", "seq", "embed"))
+    tok_spec = rules.activation_spec(("batch", "seq"), tokens_BT.shape)  # a batch too small to split stays whole
+    out_spec = rules.activation_spec(("batch", "seq", "embed"), (*tokens_BT.shape, table_VD.shape[1]))
     return jax.shard_map(local_vocab_embed, mesh=rules.mesh, in_specs=(P(TENSOR, None), tok_spec),
                          out_specs=out_spec)(table_VD, tokens_BT)
 
@@ -98,7 +94,7 @@ local_xent.defvjp(_local_xent_fwd, _local_xent_bwd)
 
 
 def vocab_parallel_cross_entropy(
-    rules: "MeshRules",
+    rules: MeshRules,
     h_BTD: jax.Array,
     head: jax.Array,
     targets_BT: jax.Array,
@@ -112,13 +108,13 @@ def vocab_parallel_cross_entropy(
     """
     tok_spec = rules.activation_spec(("batch", "seq"))
     h_spec = rules.activation_spec(("batch", "seq", "embed"))
-    batch_axes = tuple(a for a in ("data", "expert", "context") if rules.mesh.shape[a] > 1)
+    token_axes = rules.mesh_axes("batch", "seq")  # the per-token sums are reduced over these
     head_spec, w_spec = ("btd,vd->btv", P(TENSOR, None)) if vocab_first else ("btd,dv->btv", P(None, TENSOR))
 
     def local(h_btD, w, tgt_bt, m_bt):
         nll, z = local_xent(head_spec, h_btD, w, tgt_bt, m_bt.astype(jnp.float32))
-        if batch_axes:
-            nll, z = jax.lax.psum(nll, batch_axes), jax.lax.psum(z, batch_axes)
+        if token_axes:
+            nll, z = jax.lax.psum(nll, token_axes), jax.lax.psum(z, token_axes)
         return nll, z
 
     return jax.shard_map(

@@ -1,0 +1,67 @@
+"""What the model asks of the parallel layer (`ParallelOps`), and its single-device version.
+
+The model code never names mesh axes or calls collectives: every operation whose implementation
+depends on the layout goes through this protocol. `parallel/ops.py` implements it on the whole
+mesh (`MeshOps`) and inside the pipeline's stage program (`StageOps`); `LocalOps` is one device.
+
+Shapes: B batch, T time, D model, H query heads, G KV heads, K head dim, V vocab, E experts,
+C capacity slots, F expert MLP width, K (in `experts_BTK`) the router's top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from picotron_jax.models import moe as moe_math
+from picotron_jax.models.attention import causal_attention
+
+
+class ParallelOps(Protocol):
+    def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        """Pin an activation's layout by its logical axes (identity where layouts are manual)."""
+
+    def embed(self, table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+        """Rows of the embedding table for these tokens (vocabulary-parallel when V is split)."""
+
+    def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
+        """Causal attention over the whole sequence (a ring over `context` when it is split)."""
+
+    def sum_partials(self, y_BTD: jax.Array) -> jax.Array:
+        """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
+        row-parallel all-reduce). The identity where the compiler inserts the sum (auto sharding)."""
+
+    def capacity_experts(self, x_EBCD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
+                         w_down_EFD: jax.Array) -> jax.Array:
+        """MoE capacity buffers [E, B, C, D] through their experts' SwiGLU, same shape back."""
+
+    def dropless_experts(self, x_BTD: jax.Array, experts_BTK: jax.Array, w_gate_EDF: jax.Array,
+                         w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+        """Every token copy through its expert, none dropped: [B, T, D] -> [B, T, K, D]."""
+
+
+class LocalOps:
+    """ParallelOps on one device: plain jnp."""
+
+    def constrain(self, x, axes):
+        return x
+
+    def embed(self, table_VD, tokens_BT):
+        return jnp.take(table_VD, tokens_BT, axis=0)
+
+    def attention(self, q_BTHK, k_BTGK, v_BTGK):
+        return causal_attention(q_BTHK, k_BTGK, v_BTGK)
+
+    def sum_partials(self, y_BTD):
+        return y_BTD
+
+    def capacity_experts(self, x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD):
+        return moe_math.swiglu_experts(x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+    def dropless_experts(self, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD):
+        return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+LOCAL_OPS = LocalOps()

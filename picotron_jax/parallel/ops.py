@@ -1,0 +1,86 @@
+"""The model's parallel operations (`models/ops.ParallelOps`) on the mesh.
+
+Two implementations, one per kind of program the model runs in:
+
+* `MeshOps`: the whole mesh under GSPMD (the plain train step, evaluation, generation). Layouts
+  are constraints from the rules table; the operations that need explicit collectives run in
+  their own `shard_map` (vocabulary-parallel embedding, ring attention, expert all-to-alls).
+* `StageOps`: inside the pipeline's stage program, a `shard_map` already manual over every mesh
+  axis (parallel/pipeline.py): constraints are no-ops and the collectives are called directly.
+
+Mesh axes come from the rules table (`parallel/sharding.py`), never spelled here.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from picotron_jax.models.attention import causal_attention
+from picotron_jax.parallel.context import context_attention
+from picotron_jax.parallel.expert import (
+    capacity_local,
+    dropless_local,
+    expert_parallel_capacity,
+    expert_parallel_dropless,
+)
+from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules
+from picotron_jax.parallel.vocab import local_vocab_embed, vocab_parallel_embed
+
+
+class MeshOps:
+    """ParallelOps on the whole mesh (GSPMD, with shard_map islands)."""
+
+    def __init__(self, rules: MeshRules):
+        self.rules = rules
+
+    def constrain(self, x, axes):
+        """A dimension that does not divide (e.g. 4 KV heads on tensor=8) stays replicated."""
+        return self.rules.constrain(x, axes)
+
+    def embed(self, table_VD, tokens_BT):
+        return vocab_parallel_embed(self.rules, table_VD, tokens_BT)
+
+    def attention(self, q_BTHK, k_BTGK, v_BTGK):
+        """Causal attention; with the sequence split over `context`, ring attention."""
+        return context_attention(self.rules, q_BTHK, k_BTGK, v_BTGK)
+
+    def sum_partials(self, y_BTD):
+        """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
+        return y_BTD
+
+    def capacity_experts(self, x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD):
+        return expert_parallel_capacity(self.rules, x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+    def dropless_experts(self, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD):
+        return expert_parallel_dropless(self.rules, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+# inside a program manual over every axis, size-1 axes are harmless: their collectives are no-ops
+(_TENSOR,) = LOGICAL_RULES["mlp"]
+(_EXPERT,) = LOGICAL_RULES["experts"]
+
+
+class StageOps:
+    """ParallelOps inside the pipeline's shard_map, which is manual over every mesh axis."""
+
+    def constrain(self, x, axes):
+        return x
+
+    def embed(self, table_vD, tokens_bT):
+        return local_vocab_embed(table_vD, tokens_bT)
+
+    def attention(self, q_bTHK, k_bTGK, v_bTGK):
+        return causal_attention(q_bTHK, k_bTGK, v_bTGK)  # this rank's heads, whole sequence
+
+    def sum_partials(self, y_bTD):
+        return jax.lax.psum(y_bTD, _TENSOR)
+
+    def capacity_experts(self, x_EbCD, w_gate, w_up, w_down):
+        return capacity_local(x_EbCD, w_gate, w_up, w_down, _EXPERT, _TENSOR)
+
+    def dropless_experts(self, x_btD, experts_btK, w_gate, w_up, w_down):
+        return dropless_local(x_btD, experts_btK, w_gate, w_up, w_down, w_gate.shape[0] * jax.lax.axis_size(_EXPERT),
+                              _EXPERT, _TENSOR)
+
+
+STAGE_OPS = StageOps()
