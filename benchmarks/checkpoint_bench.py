@@ -22,7 +22,7 @@ import jax
 from picotron_jax.checkpoint.manager import Checkpointer
 from picotron_jax.checkpoint.metadata import raw_bytes
 from picotron_jax.config import load_config
-from picotron_jax.trainer import prepare_run
+from picotron_jax.run import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(ROOT / "meshes" / "bench-32m.yaml", ["checkpoint.every=1"])
-    run = prepare_run(cfg)
+    run = build_run(cfg)
     from picotron_jax.train.state import init_train_state
 
     state = init_train_state(cfg, run.setup)

@@ -23,7 +23,7 @@ from picotron_jax.config import load_config
 from picotron_jax.memory.estimate import estimate_from_compiled, mib
 from picotron_jax.memory.flops import traced_flops_per_device
 from picotron_jax.train.state import init_train_state
-from picotron_jax.trainer import prepare_run
+from picotron_jax.run import build_run
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     for prec in args.precision.split(","):
         for remat in args.remat.split(","):
             cfg = load_config(args.config, [*args.overrides, f"precision.mode={prec}", f"memory.remat={remat}"])
-            run = prepare_run(cfg)
+            run = build_run(cfg)
             state = init_train_state(cfg, run.setup)
             batch = run.batch(0)
             t0 = time.perf_counter()

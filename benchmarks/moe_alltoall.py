@@ -23,7 +23,7 @@ import jax
 from picotron_jax.config import load_config
 from picotron_jax.observe.hlo import collective_stats
 from picotron_jax.train.state import init_train_state
-from picotron_jax.trainer import prepare_run
+from picotron_jax.run import build_run
 
 MESHES = Path(__file__).resolve().parents[1] / "meshes"
 PRESETS = ["moe-ep8", "moe-ep4-tp2", "moe-dropless-dp2-ep4"]
@@ -45,7 +45,7 @@ def main(presets: list[str]) -> None:
           f"{'4 x tokens x k x D x 4':>23s} {'ratio':>6s}")
     for name in presets:
         cfg = load_config(MESHES / f"{name}.yaml")
-        run = prepare_run(cfg)
+        run = build_run(cfg)
         state = init_train_state(cfg, run.setup)
         hlo = run.train_step.lower(state, run.batch(0)).compile().as_text()
         stats = collective_stats(hlo)

@@ -33,7 +33,7 @@ def cmd_precision(args, load) -> int:
     from picotron_jax.train import precision as mp
     from picotron_jax.train.precision_analysis import analyze, write_policy
     from picotron_jax.train.state import init_params
-    from picotron_jax.trainer import prepare_run
+    from picotron_jax.run import build_run
 
     cfg = load(args)
     if args.batches < 1:
@@ -45,7 +45,7 @@ def cmd_precision(args, load) -> int:
     if cfg.moe.num_experts:
         raise UserError(f"precision analyze probes the dense layer stack; this config has MoE layers "
                         f"(moe.num_experts = {cfg.moe.num_experts}). Analyse its dense variant (moe.num_experts=0)")
-    run = prepare_run(cfg)
+    run = build_run(cfg)
     mode = args.mode or (run.setup.policy.mode if run.setup.policy.mode != "fp32" else "bf16")
     if args.checkpoint:
         state, _, _ = restore_train_state(args.checkpoint, run.setup.abstract, run.setup.shardings, cfg,

@@ -18,7 +18,7 @@ from picotron_jax.mesh import describe
 from picotron_jax.observe.flops import flops_per_token, measure_matmul_peak, run_peak_flops, save_cpu_peak
 from picotron_jax.observe.hlo import collective_bytes
 from picotron_jax.train.state import init_train_state
-from picotron_jax.trainer import prepare_run
+from picotron_jax.run import build_run
 
 
 def compiled_memory(compiled) -> dict[str, int]:
@@ -36,7 +36,7 @@ def compiled_memory(compiled) -> dict[str, int]:
 
 
 def bench_step(cfg: Config) -> dict:
-    run = prepare_run(cfg)
+    run = build_run(cfg)
     state = init_train_state(cfg, run.setup)
     batch = run.batch(0)
     t0 = time.perf_counter()

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from picotron_jax.config import Config, load_config
-from picotron_jax.config_checks import validate
-from picotron_jax.mesh import build_mesh, run_devices
 from picotron_jax.parallel.sharding import MeshRules
-from picotron_jax.train.state import StateSetup, init_train_state, setup_state
+from picotron_jax.run import build_run
+from picotron_jax.train.state import StateSetup, init_train_state
 from picotron_jax.train.step import build_grad_fn, build_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +25,8 @@ def preset(name: str, *overrides: str) -> Config:
 
 
 def setup(cfg: Config) -> tuple[MeshRules, StateSetup]:
-    devices = run_devices(cfg.mesh)
-    validate(cfg, len(devices))
-    rules = MeshRules.from_config(build_mesh(cfg.mesh, devices), cfg)
-    return rules, setup_state(cfg, rules)
+    run = build_run(cfg, data=False)
+    return run.rules, run.setup
 
 
 def synthetic_batch(cfg: Config, step: int, rules: MeshRules | None = None) -> dict[str, jax.Array]:
@@ -57,3 +54,7 @@ def run_steps(cfg: Config, steps: int = 3):
         losses.append(float(metrics["loss"]))
     assert np.isclose(losses[0], float(metrics0["loss"]), rtol=1e-6)
     return np.array(losses), grads
+
+
+class Quiet:
+    """A duck-typed loop callback (no base class, no events): importable as 'helpers:Quiet' in configs."""

@@ -23,13 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from picotron_jax.config import Config
-from picotron_jax.config_checks import validate
 from picotron_jax.memory.flops import traced_flops_per_device
-from picotron_jax.mesh import build_mesh, describe
+from picotron_jax.mesh import describe
 from picotron_jax.observe.hlo import collective_bytes
 from picotron_jax.parallel.sharding import MeshRules, bytes_per_device
-from picotron_jax.train.state import StateSetup, setup_state
-from picotron_jax.train.step import build_train_step
+from picotron_jax.run import build_run
+from picotron_jax.train.state import StateSetup
 
 
 @dataclass
@@ -75,12 +74,10 @@ def abstract_inputs(cfg: Config, rules: MeshRules, setup: StateSetup) -> tuple[A
 def compile_train_step(cfg: Config, devices: list) -> tuple[Any, MeshRules, StateSetup, float]:
     """Validate, build the mesh and compile the train step for abstract inputs (nothing runs).
     Returns the compiled step, rules, state setup and the step's matmul FLOPs per device."""
-    validate(cfg, len(devices))
-    rules = MeshRules.from_config(build_mesh(cfg.mesh, devices), cfg)
-    setup = setup_state(cfg, rules)
-    state, batch = abstract_inputs(cfg, rules, setup)
-    traced = build_train_step(cfg, rules, setup).trace(state, batch)
-    return traced.lower().compile(), rules, setup, traced_flops_per_device(traced, len(devices))
+    run = build_run(cfg, data=False, devices=devices)
+    state, batch = abstract_inputs(cfg, run.rules, run.setup)
+    traced = run.train_step.trace(state, batch)
+    return traced.lower().compile(), run.rules, run.setup, traced_flops_per_device(traced, len(devices))
 
 
 def estimate_from_compiled(cfg: Config, compiled: Any, rules: MeshRules, setup: StateSetup,
