@@ -1,8 +1,8 @@
-"""The `picotron-jax` command: train, bench, tokenizer, launch, ckpt, export, memory, precision,
+"""The `picotron-jax` command: train, generate, bench, tokenizer, launch, ckpt, export, memory, precision,
 pipeline-schedule.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
-multi-process run was lost, failed or hung, 130 interrupted.
+multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from picotron_jax.checkpoint import commands as checkpoint_commands
-from picotron_jax.errors import UserError
+from picotron_jax.errors import RunAborted, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.analyze_precision import add_parser as add_precision_parser
 
     add_precision_parser(sub, _add_config_args)
+    from picotron_jax.generate import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
@@ -84,6 +87,7 @@ def _cluster(cfg):
 
 
 def cmd_train(args) -> int:
+    """A thin wrapper over the Python API: `Trainer(cfg, run_dir).run()` (trainer.py)."""
     cfg = _load(args)
     run_dir = Path(args.run_dir or cfg.logging.run_dir)
     cfg.logging.run_dir = str(run_dir)
@@ -91,11 +95,16 @@ def cmd_train(args) -> int:
 
     if warning := apply_allocator_settings(cfg.memory):
         print(f"warning: {warning}", file=sys.stderr)
+    init_from_hf = _hf_source(args, cfg)
     with _cluster(cfg) as cluster:
-        from picotron_jax.trainer import train
+        from picotron_jax.trainer import Trainer
 
-        summary = train(cfg, run_dir, resume=args.resume, on_step=cluster.progress, resume_from=args.resume_from,
-                        init_from_hf=_hf_source(args, cfg))
+        trainer = Trainer(cfg, run_dir, callbacks=[cluster.callback()], resume=args.resume,
+                          resume_from=args.resume_from, init_from_hf=init_from_hf)
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.close()
     return 130 if summary.stopped_early == "SIGINT" else 0
 
 
@@ -171,6 +180,12 @@ def _load_child_config(args, extra: list[str]):
     return load_config(args.config, list(args.overrides) + extra)
 
 
+def cmd_generate(args) -> int:
+    from picotron_jax.generate import cmd_generate as run_generate
+
+    return run_generate(args)
+
+
 def cmd_memory(args) -> int:
     from picotron_jax.memory.command import cmd_memory as run_memory
 
@@ -184,7 +199,8 @@ def cmd_precision(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
-            "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule}
+            "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
+            "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)
 
 
@@ -215,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return _exit_code(2)
+    except RunAborted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return _exit_code(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return _exit_code(130)

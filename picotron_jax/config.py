@@ -138,8 +138,71 @@ class CheckpointConfig:
 class LoggingConfig:
     every: int = 10  # steps between log lines / metrics rows
     run_dir: str = "runs/latest"
-    progress: bool = True  # progress bar on a terminal
+    progress: bool = True  # progress bar on a terminal (and in Jupyter)
     peak_flops: float = 0.0  # whole-run peak FLOP/s for MFU; 0 -> device table or measured CPU peak
+    # extra loop callbacks (picotron_jax/callbacks.py): registered names or "package.module:Class"
+    callbacks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss on a held-out tail of the corpus (picotron_jax/train/evaluate.py); off when both
+    `tokens` and `fraction` are 0. The held-out windows never appear in a training batch."""
+
+    tokens: int = 0  # held-out tokens (whole windows of train.seq_len); 0 -> eval.fraction
+    fraction: float = 0.0  # share of the corpus's windows held out, when eval.tokens = 0
+    every: int = 0  # steps between evaluations (and one at the end of a run); 0 = at the end only
+    batch: int = 0  # sequences per evaluation batch; 0 -> train.global_batch
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0 or self.fraction > 0
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling defaults of `picotron-jax generate` / `Trainer.generate` (picotron_jax/generate.py)."""
+
+    prompt: str = ""  # printed with its continuation at the end of a training run; "" = no sample
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy (deterministic)
+    top_k: int = 0  # sample from the k most likely tokens; 0 = all
+    seed: int = 0
+
+
+FAULT_PHASES = ("step", "data")
+NAN_SITES = ("forward", "gradient")
+SPIKE_KINDS = ("noise", "lr")
+
+
+@dataclass
+class FaultsConfig:
+    """Deliberate faults, to rehearse detectors and alerts (picotron_jax/faults.py, train/faults.py).
+
+    Off by default; steps are 1-based (the k-th optimizer step). Every injection is logged."""
+
+    nan_step: int = 0  # a NaN in decoder layer nan_layer at this step (inside the jitted step); 0 = off
+    nan_layer: int = 0
+    nan_site: str = "forward"  # forward (the layer's output) | gradient (the gradient reaching its output)
+    spike_step: int = 0  # a loss spike at this step; 0 = off
+    spike_kind: str = "noise"  # noise (the batch's tokens replaced by uniform noise) | lr (the update scaled)
+    spike_lr_scale: float = 100.0  # spike_kind=lr: the update of that step is multiplied by this
+    transient: bool = False  # in-step faults fire only the first time the loop runs their step (a machine
+    #                          fault that a replay does not reproduce); false: whenever it runs (a bad batch)
+    process: int = 0  # the process the host-side faults below act on
+    sleep_step: int = 0  # sleep sleep_s seconds from this step on, for sleep_steps steps; 0 = off
+    sleep_steps: int = 1  # 0 = until the end
+    sleep_s: float = 0.0
+    sleep_phase: str = "step"  # step (before the step is dispatched) | data (in the data loader)
+    hang_step: int = 0  # the process stops before this step and never continues (a hang); 0 = off
+    flip_step: int = 0  # after this step, one element of one array changes by one ulp on one device; 0 = off
+    flip_array: str = ""  # parameter path, e.g. layers.wq; "" = the first parameter
+    flip_replica: int = 1  # index along mesh.data of the device whose copy changes
+    slow_read_s: float = 0.0  # seconds added to every batch read (a slow data source)
+
+    @property
+    def in_step(self) -> bool:
+        return self.nan_step > 0 or self.spike_step > 0
 
 
 @dataclass
@@ -210,9 +273,38 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replace(self, **sections: dict[str, Any] | Any) -> "Config":
+        """A copy with some fields changed, checked like a YAML file: `cfg.replace(train={"steps": 50},
+        optimizer={"lr": 1e-3})`; a section may also be given as a whole dataclass."""
+        raw = self.to_dict()
+        for name, changes in sections.items():
+            if name not in raw:
+                raise UserError(f"unknown config section '{name}'; sections: {', '.join(sorted(raw))}")
+            if dataclasses.is_dataclass(changes):
+                changes = dataclasses.asdict(changes)
+            if not isinstance(changes, dict):
+                raise UserError(f"config section '{name}' must be given as a dict of fields, got {changes!r}")
+            raw[name] = {**raw[name], **changes}
+        return config_from_dict(raw)
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """A copy with `section.key=value` overrides applied (as on the command line)."""
+        return config_from_dict(_merge(self.to_dict(), parse_overrides(overrides)))
+
+    def validate(self, num_devices: int | None = None) -> dict[str, int]:
+        """Every cross-field check the CLI runs (config_checks.py), against `num_devices` (default: the
+        devices the run would use); returns the resolved mesh sizes."""
+        from picotron_jax.config_checks import validate
+        from picotron_jax.mesh import run_devices
+
+        return validate(self, len(run_devices(self.mesh)) if num_devices is None else num_devices)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -251,9 +343,16 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    else:  # pragma: no cover - all leaves are bool/int/float/str
+    elif typing.get_origin(typ) is list:  # list[str]: a YAML list, or "a,b" as a shorthand
+        if isinstance(value, str):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(typ)
+            return [_coerce(x, item, f"{where}[{i}]") for i, x in enumerate(value)]
+    else:  # pragma: no cover - all leaves are bool/int/float/str/list
         raise TypeError(f"unsupported config type {typ} at {where}")
-    raise UserError(f"config field '{where}' = {value!r}: expected {typ.__name__}")
+    name = getattr(typ, "__name__", str(typ))
+    raise UserError(f"config field '{where}' = {value!r}: expected {name}")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -309,17 +408,34 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "meshes"
+
+
+def preset_path(path_or_preset: str | Path) -> Path:
+    """A YAML file's path, or a preset's name ('single', 'tp2-dp4') -> meshes/<name>.yaml."""
+    path = Path(path_or_preset)
+    if path.is_file():
+        return path
+    name = str(path_or_preset)
+    if "/" not in name and not name.endswith((".yaml", ".yml")) and (PRESETS_DIR / f"{name}.yaml").is_file():
+        return PRESETS_DIR / f"{name}.yaml"
+    names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))) or "none found"
+    raise UserError(f"config file '{path}' does not exist; give a YAML path or a preset name ({names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (if given), apply overrides, build typed dataclasses. Does not validate the mesh."""
+    """Read YAML (a path or a preset name from meshes/), apply `section.key=value` overrides, build typed
+    dataclasses. Checks every field's type; `Config.validate` runs the cross-field checks."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file '{path}' does not exist; presets live in meshes/ (e.g. meshes/single.yaml)")
+        path = preset_path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of sections (model:, mesh:, train:, ...), "
+                            f"got a {type(raw).__name__}")
     raw = _merge(raw, parse_overrides(overrides or []))
     return _build(Config, raw, "")
 

@@ -9,6 +9,9 @@ import math
 from pathlib import Path
 
 from picotron_jax.config import (
+    FAULT_PHASES,
+    NAN_SITES,
+    SPIKE_KINDS,
     CLUSTERS,
     MATMUL_PRECISIONS,
     PIPELINE_SCHEDULES,
@@ -205,7 +208,59 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(micro % batch_ways == 0,
           f"config field 'train.global_batch' = {t.global_batch}: each of the {accum} microbatch(es) "
           f"has {micro} sequences, which must be divisible by mesh.data x mesh.expert = {batch_ways}")
+    validate_eval(cfg, sizes)
+    validate_generate(cfg)
+    validate_faults(cfg, sizes)
     return sizes
+
+
+def validate_eval(cfg: Config, sizes: dict[str, int]) -> None:
+    e = cfg.eval
+    _need(e.tokens >= 0, f"config field 'eval.tokens' = {e.tokens}: must be >= 0 (0 -> eval.fraction)")
+    _need(0.0 <= e.fraction < 1.0, f"config field 'eval.fraction' = {e.fraction}: must be in [0, 1)")
+    _need(e.every >= 0, f"config field 'eval.every' = {e.every}: must be >= 0 (0 = at the end of a run only)")
+    _need(e.batch >= 0, f"config field 'eval.batch' = {e.batch}: must be >= 0 (0 -> train.global_batch)")
+    if not e.enabled:
+        return
+    ways = sizes["data"] * sizes["expert"] * (cfg.pipeline.microbatches if sizes["pipe"] > 1 else 1)
+    batch = e.batch or cfg.train.global_batch
+    what = "mesh.data x mesh.expert" + (" x pipeline.microbatches" if sizes["pipe"] > 1 else "")
+    _need(batch % ways == 0, f"config field 'eval.batch' = {batch}: must be divisible by {what} = {ways}")
+
+
+def validate_generate(cfg: Config) -> None:
+    g = cfg.generate
+    _need(g.max_new_tokens >= 1, f"config field 'generate.max_new_tokens' = {g.max_new_tokens}: must be >= 1")
+    _need(math.isfinite(g.temperature) and g.temperature >= 0,
+          f"config field 'generate.temperature' = {g.temperature}: must be >= 0 (0 = greedy)")
+    _need(0 <= g.top_k <= cfg.model.vocab_size,
+          f"config field 'generate.top_k' = {g.top_k}: must be between 1 and model.vocab_size = "
+          f"{cfg.model.vocab_size}, or 0 (the whole vocabulary)")
+
+
+def validate_faults(cfg: Config, sizes: dict[str, int]) -> None:
+    f = cfg.faults
+    for name in ("nan_step", "spike_step", "sleep_step", "sleep_steps", "hang_step", "flip_step", "process"):
+        value = getattr(f, name)
+        _need(value >= 0, f"config field 'faults.{name}' = {value}: must be >= 0 (0 = off)")
+    for name, allowed in (("nan_site", NAN_SITES), ("spike_kind", SPIKE_KINDS), ("sleep_phase", FAULT_PHASES)):
+        value = getattr(f, name)
+        _need(value in allowed, f"config field 'faults.{name}' = {value!r}: valid values are {', '.join(allowed)}")
+    for name in ("sleep_s", "slow_read_s"):
+        value = getattr(f, name)
+        _need(math.isfinite(value) and value >= 0, f"config field 'faults.{name}' = {value}: must be >= 0 seconds")
+    _need(math.isfinite(f.spike_lr_scale) and f.spike_lr_scale > 0,
+          f"config field 'faults.spike_lr_scale' = {f.spike_lr_scale}: must be > 0")
+    _need(f.nan_step == 0 or 0 <= f.nan_layer < cfg.model.num_layers,
+          f"config field 'faults.nan_layer' = {f.nan_layer}: must be a decoder layer, 0 to "
+          f"{cfg.model.num_layers - 1}")
+    _need(f.flip_step == 0 or 0 <= f.flip_replica < sizes["data"],
+          f"config field 'faults.flip_replica' = {f.flip_replica}: must be an index along mesh.data, 0 to "
+          f"{sizes['data'] - 1}")
+    _need(not f.in_step or sizes["pipe"] == 1,
+          f"config field 'faults.{'nan_step' if f.nan_step else 'spike_step'}': in-step faults are built into the "
+          f"plain step's layer stack; the pipeline's stage program (mesh.pipe = {sizes['pipe']}) has no fault "
+          f"taps yet")
 
 
 def validate_moe(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> None:

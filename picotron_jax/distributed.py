@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from picotron_jax.callback import Callback
 from picotron_jax.config import DistributedConfig
 from picotron_jax.config_checks import validate_distributed
 from picotron_jax.errors import UserError
@@ -330,9 +331,13 @@ class Cluster:
         return self.num_processes > 1
 
     def progress(self, step: int) -> None:
-        """Called by the training loop after each finished step (feeds step_timeout_s and the messages)."""
+        """Called after each finished step (feeds step_timeout_s and the messages)."""
         if self.watchdog is not None:
             self.watchdog.progress(step)
+
+    def callback(self) -> "WatchdogProgress":
+        """The loop callback that reports each finished step to the watchdog."""
+        return WatchdogProgress(self)
 
     def finish(self) -> None:
         if self.watchdog is not None:
@@ -360,6 +365,16 @@ class Cluster:
         else:
             self.fail(f"{type(exc).__name__}: {exc}")
         return False
+
+
+class WatchdogProgress(Callback):
+    """Tells the watchdog of every finished step (after the step's checkpoint, if any)."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+
+    def on_step_end(self, trainer, step, outputs):
+        self.cluster.progress(step)
 
 
 def _bind_address(coordinator: str | None) -> str | None:

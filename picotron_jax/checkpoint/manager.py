@@ -79,10 +79,6 @@ class Checkpointer:
             item_handlers=item_handlers(cfg.checkpoint.compression_level),
         )
 
-    def should_save(self, step: int, last: bool, force: bool = False) -> bool:
-        """Every `checkpoint.every` steps and at the end; `force`: stopping at train.stop_at_step."""
-        return force or (self.every > 0 and (step % self.every == 0 or last))
-
     def save(self, state: Any, extra_meta: dict) -> float | None:
         """Start saving `state`; returns the seconds the caller was blocked (None: step already saved)."""
         step = int(state.step)
@@ -129,6 +125,13 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def wait(self) -> None:
+        """Wait for background writes and report them (the end of a run)."""
+        self._finish_pending()
+
+    def step_dir(self, step: int) -> str:
+        return self.store.describe(step)
 
     def close(self) -> None:
         """Wait for the last write (nothing is lost on a clean exit), then release Orbax's threads."""

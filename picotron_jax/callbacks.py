@@ -1,0 +1,83 @@
+"""Which callbacks a run has: the built-in ones its config asks for, then the ones `logging.callbacks`
+names, then the ones passed to `Trainer(callbacks=[...])`, fired in that order.
+
+A name in `logging.callbacks` is either registered (`register_callback(name, factory)`, e.g. by a
+plugin module) or `package.module:Name`, imported when the run is built. A factory is called with
+the run's Config when it has one required argument, without arguments otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from picotron_jax.callback import Callback
+from picotron_jax.checkpoint.saver import CheckpointSaver
+from picotron_jax.config import Config
+from picotron_jax.errors import UserError
+from picotron_jax.faults import FaultInjector
+from picotron_jax.generate import SampleAtEnd
+from picotron_jax.observe.console import ConsoleLog, ProgressBar
+from picotron_jax.observe.metrics import MetricsFile, StopOnNonFiniteLoss
+from picotron_jax.train.promotion import PrecisionPromotion
+
+REGISTRY: dict[str, Callable] = {}
+
+
+def register_callback(name: str, factory: Callable) -> None:
+    """Make `name` usable in `logging.callbacks`."""
+    REGISTRY[name] = factory
+
+
+def _factory(name: str) -> Callable:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        known = ", ".join(sorted(REGISTRY)) or "none yet"
+        raise UserError(f"config field 'logging.callbacks' names {name!r}, which is not a registered callback "
+                        f"(registered: {known}) nor 'package.module:Name'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"config field 'logging.callbacks' names {name!r}, which cannot be imported ({exc}); "
+                        f"check the module path and that the package is installed") from None
+
+
+def named_callback(name: str, cfg: Config) -> Callback:
+    factory = _factory(name)
+    try:
+        required = [q for q in inspect.signature(factory).parameters.values()
+                    if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        required = []
+    takes_config = len(required) == 1
+    return factory(cfg) if takes_config else factory()
+
+
+def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ()) -> list:
+    """The run's callbacks in firing order (names are resolved first: a bad name writes nothing)."""
+    named = [named_callback(name, cfg) for name in cfg.logging.callbacks]
+    main = jax.process_index() == 0
+    out: list = []
+    f = cfg.faults
+    if f.in_step or f.sleep_step or f.hang_step or f.flip_step or f.slow_read_s > 0:
+        out.append(FaultInjector(f, run_dir))
+    if cfg.precision.mode == "fp16" and cfg.precision.promote_after > 0:
+        out.append(PrecisionPromotion())
+    out.append(StopOnNonFiniteLoss())
+    out.append(CheckpointSaver())  # before the console: the final save is reported before the summary
+    if main and run_dir is not None:
+        out.append(MetricsFile(run_dir / "metrics.jsonl"))
+    if main:
+        out.append(ConsoleLog())
+        if cfg.logging.progress:
+            out.append(ProgressBar())
+    if cfg.generate.prompt:
+        out.append(SampleAtEnd())
+    return out + named + list(extra)
+
