@@ -9,6 +9,7 @@ from picotron_jax.data.corpus import STDLIB, Corpus
 from picotron_jax.data.dataset import DEFAULT_CACHE_DIR, TokenDataset, token_dtype
 from picotron_jax.data.loader import (
     addressable_indices,
+    eval_batch,
     global_batch,
     prefetch,
     process_rows,
@@ -29,6 +30,7 @@ __all__ = [
     "TokenDataset",
     "token_dtype",
     "addressable_indices",
+    "eval_batch",
     "global_batch",
     "prefetch",
     "process_rows",

@@ -10,6 +10,13 @@ token of window j is the first of window j+1, so no token is wasted as a target)
 size B is samples i*B .. i*B+B-1, a pure function of (seed, corpus, i): resuming at step i reads
 batch i directly, and each host reads only the rows its devices hold.
 
+Validation (`eval.tokens` / `eval.fraction`): the last windows of the file are held out, in order,
+after one skipped guard window, so no held-out token is ever an input or a target of training:
+
+    windows [0, num_sequences)          training (permuted as above)
+    window  num_sequences               guard (its first token is the last training target)
+    windows num_sequences + 1 + r       held-out row r, r < num_held_out
+
 The token file is made once per (corpus, tokenizer) and cached, named by the hash of both
 fingerprints; it is written to a temporary name and renamed, so an interrupted run never leaves
 a half file that a later run would trust.
@@ -44,7 +51,8 @@ class TokenDataset:
     """Random-access training windows over a token file (see the module docstring for the order)."""
 
     def __init__(
-        self, path: str | Path, vocab_size: int, seq_len: int, seed: int, *, from_cache: bool = True, source: str = ""
+        self, path: str | Path, vocab_size: int, seq_len: int, seed: int, *, from_cache: bool = True, source: str = "",
+        held_out: tuple[int, float] = (0, 0.0),
     ):
         if seq_len <= 0:
             raise UserError(f"train.seq_len = {seq_len}: must be positive")
@@ -65,12 +73,14 @@ class TokenDataset:
                 f"{what} has {self.num_tokens} tokens but train.seq_len = {seq_len} needs at least {seq_len + 1} "
                 f"(one window of seq_len + 1); use more data or a smaller train.seq_len"
             )
-        self.num_sequences = (self.num_tokens - 1) // seq_len
+        windows = (self.num_tokens - 1) // seq_len
+        self.num_held_out = held_out_windows(held_out, windows, seq_len, source)
+        self.num_sequences = windows - (self.num_held_out + 1 if self.num_held_out else 0)  # training windows
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # batch_rows may run on a prefetch thread and the main thread
 
     @classmethod
-    def build(cls, data_cfg: DataConfig, seq_len: int, seed: int) -> TokenDataset:
+    def build(cls, data_cfg: DataConfig, seq_len: int, seed: int, held_out: tuple[int, float] = (0, 0.0)) -> TokenDataset:
         """Open the cached token file for (corpus, tokenizer), tokenising the corpus first if there is none."""
         if seq_len <= 0:
             raise UserError(f"train.seq_len = {seq_len}: must be positive")
@@ -94,7 +104,8 @@ class TokenDataset:
                     "tokenizer": data_cfg.tokenizer, "vocab_size": tokenizer.vocab_size,
                     "dtype": dtype.name, "num_tokens": num_tokens}
             _atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())  # for people only
-        return cls(path, tokenizer.vocab_size, seq_len, seed, from_cache=from_cache, source=data_cfg.source)
+        return cls(path, tokenizer.vocab_size, seq_len, seed, from_cache=from_cache, source=data_cfg.source,
+                   held_out=held_out)
 
     # ------------------------------------------------------------------------------ order
 
@@ -143,9 +154,40 @@ class TokenDataset:
             "mask": np.ones((rows.size, self.seq_len), np.float32),  # packed data: every token is real
         }
 
+    def eval_rows(self, index: int, batch: int, rows: slice | np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """Rows `rows` of held-out batch `index` (of `batch` rows each, in order). Rows past the last
+        held-out window (the last batch's padding) repeat window 0 of the split with mask 0."""
+        if isinstance(rows, slice):
+            rows = np.arange(batch)[rows]
+        r = index * batch + np.asarray(rows, dtype=np.int64).reshape(-1)
+        real = r < self.num_held_out
+        windows = self.num_sequences + 1 + np.where(real, r, 0)
+        offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        tokens = self.tokens[offsets].astype(np.int32)
+        mask = np.repeat(real.astype(np.float32)[:, None], self.seq_len, axis=1)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+    def eval_batches(self, batch: int) -> int:
+        return -(-self.num_held_out // batch)
+
     def __repr__(self) -> str:
         return (f"TokenDataset({self.path.name}, tokens={self.num_tokens}, vocab={self.vocab_size}, "
                 f"seq_len={self.seq_len}, sequences={self.num_sequences}, seed={self.seed})")
+
+
+def held_out_windows(held_out: tuple[int, float], windows: int, seq_len: int, source: str = "") -> int:
+    """Windows held out for validation: ceil(tokens / seq_len), or floor(fraction x windows) (at least one)."""
+    tokens, fraction = held_out
+    if tokens <= 0 and fraction <= 0:
+        return 0
+    n = -(-tokens // seq_len) if tokens > 0 else max(1, int(fraction * windows))
+    if n + 2 > windows:  # one guard window and at least one training window remain
+        what = f"data.source = {source!r}" if source else "the corpus"
+        asked = f"eval.tokens = {tokens}" if tokens > 0 else f"eval.fraction = {fraction}"
+        raise UserError(f"{asked} holds out {n} windows of train.seq_len = {seq_len} tokens, but {what} has only "
+                        f"{windows}; hold out fewer (at most {max(windows - 2, 0)} windows, "
+                        f"eval.tokens={max(windows - 2, 0) * seq_len}) or use more data")
+    return n
 
 
 # ------------------------------------------------------------------------------------ writing

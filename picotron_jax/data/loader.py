@@ -74,18 +74,28 @@ def global_batch(
         raise UserError(
             f"train.global_batch = {global_batch_size} must be a positive multiple of train.grad_accum = {grad_accum}"
         )
-    seq_len = ds.seq_len
-    micro = global_batch_size // grad_accum
-    shape = (global_batch_size, seq_len) if grad_accum == 1 else (grad_accum, micro, seq_len)
+    return place_rows(lambda rows: ds.batch_rows(step, global_batch_size, rows), global_batch_size, ds.seq_len,
+                      sharding, grad_accum)
+
+
+def eval_batch(ds: TokenDataset, index: int, batch: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Held-out batch `index` ([batch, seq_len], padding rows masked), placed like a training batch."""
+    return place_rows(lambda rows: ds.eval_rows(index, batch, rows), batch, ds.seq_len, sharding)
+
+
+def place_rows(read: Callable[[np.ndarray], dict[str, np.ndarray]], batch: int, seq_len: int,
+               sharding: jax.sharding.Sharding, grad_accum: int = 1) -> dict[str, jax.Array]:
+    """`read(rows)` -> host arrays [len(rows), seq_len] for the rows this process holds -> global arrays."""
+    micro = batch // grad_accum
+    shape = (batch, seq_len) if grad_accum == 1 else (grad_accum, micro, seq_len)
     idx = addressable_indices(sharding, shape)
     if grad_accum == 1:
         rows, lead = idx[0], (idx[0].size,)
     else:
         rows, lead = (idx[0][:, None] * micro + idx[1][None, :]).reshape(-1), (idx[0].size, idx[1].size)
     cols = idx[-1]
-    host = ds.batch_rows(step, global_batch_size, rows)
     out = {}
-    for name, value in host.items():
+    for name, value in read(rows).items():
         local = value.reshape(*lead, seq_len)
         if cols.size != seq_len:  # sequence axis split across processes: keep this process's columns
             local = local[..., cols]

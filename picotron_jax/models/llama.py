@@ -12,7 +12,7 @@ does not grow with depth. Initialisation uses only the seed (one key per paramet
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,47 +21,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from picotron_jax.config import ModelConfig, MoEConfig
 from picotron_jax.models import moe as moe_math
-from picotron_jax.models.attention import apply_rotary, causal_attention, rotary_tables
+from picotron_jax.models.attention import apply_rotary, rotary_tables
 from picotron_jax.models.linear import project
 from picotron_jax.models.moe_layers import DENSE_MLP_PARAMS, init_moe_params, moe_plan, run_mixed_stack
+from picotron_jax.models.ops import LOCAL_OPS, LocalOps, ParallelOps  # noqa: F401 (re-exported)
 
-
-class ParallelOps(Protocol):
-    """What the model asks of the parallel layer; `LocalOps` is the single-device version."""
-
-    def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array: ...
-
-    def embed(self, table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array: ...
-
-    def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
-        """Causal attention over the whole sequence (a ring over `context` when it is split)."""
-
-    def sum_partials(self, y_BTD: jax.Array) -> jax.Array:
-        """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
-        row-parallel all-reduce). The identity where the compiler inserts the sum (auto sharding)."""
-
-
-class LocalOps:
-    def constrain(self, x, axes):
-        return x
-
-    def embed(self, table_VD, tokens_BT):
-        return jnp.take(table_VD, tokens_BT, axis=0)
-
-    def attention(self, q_BTHK, k_BTGK, v_BTGK):
-        return causal_attention(q_BTHK, k_BTGK, v_BTGK)
-
-    def capacity_experts(self, x_EBCD, w_gate, w_up, w_down):
-        return moe_math.swiglu_experts(x_EBCD, w_gate, w_up, w_down)
-
-    def dropless_experts(self, x_BTD, experts_BTK, w_gate, w_up, w_down):
-        return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate, w_up, w_down)
-
-    def sum_partials(self, y_BTD):
-        return y_BTD
-
-
-LOCAL_OPS = LocalOps()
 
 # name -> (logical axes, shape from (L, D, F, H, G, K, V)); "norm" params start at one.
 LAYER_PARAMS = {
@@ -76,6 +40,7 @@ LAYER_PARAMS = {
     "w_down": (("layers", "mlp", "embed"), lambda L, D, F, H, G, K: (L, F, D)),
 }
 OUTPUT_PROJECTIONS = ("wo", "w_down")  # scaled by 1/sqrt(2L) at init (GPT-2, Radford et al. 2019)
+LAYER_INDEX = "_layer"  # a layer-index leaf scanned with the stacked params when a layer tap is given
 
 
 def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -98,6 +63,14 @@ def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, o
 def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
                        attention_dtype=None) -> jax.Array:
     """x + Attn(norm(x))."""
+    q_BTHK, k_BTGK, v_BTGK = attention_inputs(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype)
+    o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
+    return attention_output(p, x_BTD, o_BTHK, ops)
+
+
+def attention_inputs(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
+                     attention_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries [B, T, H, K], keys and values [B, T, G, K] of norm(x) (also the KV cache's input)."""
     h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps), "attn_norm")
     q_BTHK = checkpoint_name(project("btd,dhk->bthk", h_BTD, p["wq"]), "wq")
     k_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wk"]), "wk")
@@ -107,7 +80,11 @@ def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConf
     v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
     if attention_dtype is not None:
         q_BTHK, k_BTGK, v_BTGK = (t.astype(attention_dtype) for t in (q_BTHK, k_BTGK, v_BTGK))
-    o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
+    return q_BTHK, k_BTGK, v_BTGK
+
+
+def attention_output(p: dict, x_BTD: jax.Array, o_BTHK: jax.Array, ops: ParallelOps) -> jax.Array:
+    """x + the output projection of the attention's output."""
     x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("bthk,hkd->btd", o_BTHK, p["wo"])), "wo")
     return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
@@ -194,9 +171,11 @@ class Llama(nnx.Module):
     def hidden_states_and_moe_stats(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS,
                                     compute_dtype=jnp.float32, positions_T: jax.Array | None = None,
                                     module_dtypes: Mapping[str, jnp.dtype] | None = None,
-                                    layer_stack: Callable | None = None):
+                                    layer_stack: Callable | None = None, layer_tap: Callable | None = None):
         """As `hidden_states`, plus the MoE layers' stats (dict of [L_moe, ...], models/moe.py; None if dense).
-        MoE models scan their mixed stack themselves (models/moe_layers.py); `layer_stack` is for dense ones."""
+        MoE models scan their mixed stack themselves (models/moe_layers.py); `layer_stack` is for dense ones.
+        `layer_tap(x_BTD, layer)` sees (and may change) every decoder layer's output, `layer` its traced
+        index (the fault injector's hook, train/faults.py); without it the program is unchanged."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
         dtype_of = lambda module: (module_dtypes or {}).get(module, compute_dtype)  # noqa: E731
@@ -206,9 +185,12 @@ class Llama(nnx.Module):
         cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
         stacked = {name: v[...].astype(dtype_of(f"layers.{name}")) for name, v in self.layers.items()}
         attention_dtype = (module_dtypes or {}).get("layers.attention")
+        tap = (lambda x, p: x) if layer_tap is None else (lambda x, p: layer_tap(x, p[LAYER_INDEX]))  # noqa: E731
+        if layer_tap is not None:  # scanned with the layers, so each layer knows its index
+            stacked[LAYER_INDEX] = jnp.arange(cfg.num_layers)
 
         def block(x, layer_params):
-            return decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
+            return tap(decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype), layer_params)
 
         if self.moe_plan is None:
             x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
@@ -217,7 +199,7 @@ class Llama(nnx.Module):
         def moe_block(p, p_moe, x):
             x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
             y, stats = moe_math.moe_ffn(p_moe, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), self.moe_cfg, ops)
-            return ops.constrain(x + y, ("batch", "seq", "embed")), stats
+            return tap(ops.constrain(x + y, ("batch", "seq", "embed")), p), stats
 
         moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype) for k, v in self.moe.items()}
         x_BTD, stats = run_mixed_stack(stacked, moe_params, x_BTD, self.moe_plan,

@@ -19,7 +19,7 @@ Compile time does not grow with m: the scan body is traced once.
   the gradient that arrived from the next stage. Activation memory is bounded by p, not m.
 
 Tensor, data and expert axes: the shard_map is manual over all of them, so the model runs with
-`StageOps` (local attention heads, explicit all-reduces over `tensor` after row-parallel
+`StageOps` (parallel/ops.py: local attention heads, explicit all-reduces over `tensor` after row-parallel
 projections and in the vocabulary-parallel embedding and loss). Parameters enter replicated
 over `data` (ZeRO-3 parameters are gathered once at entry) and are cast to vary over the batch
 axes so that their gradients stay per-device sums until one psum at the end of the step.
@@ -37,33 +37,17 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from picotron_jax.config import Config
-from picotron_jax.models.attention import causal_attention, rotary_tables
+from picotron_jax.models.attention import rotary_tables
 from picotron_jax.models.llama import decoder_layers, rms_norm
-from picotron_jax.parallel.pipeline_schedule import Schedule, schedule_of_config
+from picotron_jax.parallel.ops import STAGE_OPS
+from picotron_jax.parallel.pipeline_schedule import Schedule, build_schedule, schedule_of_config
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_spec
-from picotron_jax.parallel.vocab import local_xent, local_vocab_embed
+from picotron_jax.parallel.vocab import local_xent
 
-PIPE, TENSOR = "pipe", "tensor"
+(PIPE,) = LOGICAL_RULES["layers"]
+# every axis a microbatch's rows or columns are split over: activations and gradient sums vary over them
+TOKEN_AXES = tuple(dict.fromkeys(LOGICAL_RULES["batch"] + LOGICAL_RULES["seq"]))
 F32 = jnp.float32
-
-
-class StageOps:
-    """The model's ParallelOps inside the pipeline's shard_map, which is manual over every axis."""
-
-    def constrain(self, x, axes):
-        return x
-
-    def embed(self, table_vD, tokens_bT):
-        return local_vocab_embed(table_vD, tokens_bT)
-
-    def attention(self, q_bTHK, k_bTGK, v_bTGK):
-        return causal_attention(q_bTHK, k_bTGK, v_bTGK)  # this rank's heads, whole sequence
-
-    def sum_partials(self, y_bTD):
-        return jax.lax.psum(y_bTD, TENSOR)
-
-
-STAGE_OPS = StageOps()
 
 
 def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -93,21 +77,24 @@ def _param_specs(rules: MeshRules, logical_axes: Any, shapes: Any) -> Any:
     return out
 
 
-def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F32) -> Callable:
+def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F32,
+                            forward_only: bool = False) -> Callable:
     """(params, microbatches [m, B/m, T]) -> (nll sum, z sum, gradient sums), pipelined over `pipe`;
     stages compute in `compute_dtype` (the precision policy's, train/precision.py).
 
-    Sums over all unmasked tokens, like train/step.py's loss_sums; the caller divides."""
+    Sums over all unmasked tokens, like train/step.py's loss_sums; the caller divides.
+    `forward_only` (evaluation): -> (nll sum, z sum), the forward slots of AFAB with one layer chunk
+    per rank, whatever the training schedule (a forward has no backward to interleave with)."""
     mesh, mc = rules.mesh, cfg.model
     p = mesh.shape[PIPE]
-    sched = schedule_of_config(cfg, p)
+    sched = build_schedule("afab", p, cfg.pipeline.microbatches) if forward_only else schedule_of_config(cfg, p)
     v, L = sched.v, mc.num_layers
     Lc = L // (p * v)
     cd = jnp.dtype(compute_dtype)
     z_coef = cfg.train.z_loss
     head_key = "embed" if mc.tie_embeddings else "lm_head"
     head_spec = "btd,vd->btv" if mc.tie_embeddings else "btd,dv->btv"
-    batch_axes = tuple(a for a in mesh.axis_names if a not in (PIPE, TENSOR))
+    batch_axes = tuple(a for a in mesh.axis_names if a in TOKEN_AXES)
     act_axes = (PIPE, *batch_axes)  # every activation, buffer and gradient sum varies over these
     param_specs = _param_specs(rules, spec.logical_axes, spec.shapes)
     tok_spec = rules.activation_spec(("batch", "seq"))
@@ -136,6 +123,9 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
 
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, head_key, act_axes,
                     _vary(jnp.zeros((b, T, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef)
+        if forward_only:
+            _, (nll, z) = _afab_forward(st, params)
+            return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
         run = _afab if sched.kind == "afab" else _one_f_one_b
         nll, z, grads = run(st, params)
         nll, z = jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
@@ -144,10 +134,12 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         return nll, z, {**grads, "layers": layer_grads}
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(param_specs, micro_specs),
-                            out_specs=(P(), P(), param_specs))
+                            out_specs=(P(), P()) if forward_only else (P(), P(), param_specs))
 
     def loss_and_grads(params, micro):
         layers = {k: a.reshape(v, p, Lc, *a.shape[1:]) for k, a in params["layers"].items()}
+        if forward_only:
+            return sharded({**params, "layers": layers}, micro)
         nll, z, grads = sharded({**params, "layers": layers}, micro)
         grads["layers"] = {k: a.reshape(L, *a.shape[3:]) for k, a in grads["layers"].items()}
         return nll, z, grads
@@ -188,39 +180,40 @@ def _chunk(layers: dict, c: jax.Array) -> dict:
 
 def _afab(st: _Stage, params: dict):
     """GPipe: scan the forward slots, then `jax.grad` runs the backwards in reverse (all residuals kept)."""
+    (_, (nll, z)), grads = jax.value_and_grad(functools.partial(_afab_forward, st), has_aux=True)(params)
+    return nll, z, grads
+
+
+def _afab_forward(st: _Stage, params: dict):
+    """The forward slots of an AFAB table: (objective, (nll sum, z sum)) of this rank."""
     s = st.sched
     last_f = max(t for t in range(s.num_slots) if any(w is not None for w in s.forward[t]))
     xs = {k: st.tables[k][: last_f + 1] for k in ("f_on", "f_mb", "f_first", "f_last")}
     p = s.p
+    zero = st.zero()
+    stage_params = {k: a[0] for k, a in params["layers"].items()}  # v = 1: one chunk per rank
 
-    def objective(params):
-        zero = st.zero()
-        stage_params = {k: a[0] for k, a in params["layers"].items()}  # v = 1: one chunk per rank
+    def slot(carry, xs_t):
+        x_recv, nll, z = carry
+        row = st.row(xs_t)
+        i = row["f_mb"]
 
-        def slot(carry, xs_t):
-            x_recv, nll, z = carry
-            row = st.row(xs_t)
-            i = row["f_mb"]
+        def forward(x_recv):
+            x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: x_recv)
+            y = st.stage_forward(stage_params, x)
 
-            def forward(x_recv):
-                x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: x_recv)
-                y = st.stage_forward(stage_params, x)
+            def loss(y):
+                _, (nll, z) = st.head_loss(params["final_norm"], params[st.head_key], y, i)
+                return st.zero_act, nll, z
 
-                def loss(y):
-                    _, (nll, z) = st.head_loss(params["final_norm"], params[st.head_key], y, i)
-                    return st.zero_act, nll, z
+            return jax.lax.cond(row["f_last"], loss, lambda y: (y, zero, zero), y)
 
-                return jax.lax.cond(row["f_last"], loss, lambda y: (y, zero, zero), y)
+        send, dnll, dz = jax.lax.cond(row["f_on"], forward, lambda x: (st.zero_act, zero, zero), x_recv)
+        # AFAB's forward phase runs microbatch i on stage s in slot s + i: what arrives is the next input
+        return (jax.lax.ppermute(send, PIPE, _ring(p, 1)), nll + dnll, z + dz), None
 
-            send, dnll, dz = jax.lax.cond(row["f_on"], forward, lambda x: (st.zero_act, zero, zero), x_recv)
-            # AFAB's forward phase runs microbatch i on stage s in slot s + i: what arrives is the next input
-            return (jax.lax.ppermute(send, PIPE, _ring(p, 1)), nll + dnll, z + dz), None
-
-        (_, nll, z), _ = jax.lax.scan(slot, (st.zero_act, zero, zero), xs)
-        return nll + st.z_coef * z, (nll, z)
-
-    (_, (nll, z)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return nll, z, grads
+    (_, nll, z), _ = jax.lax.scan(slot, (st.zero_act, zero, zero), xs)
+    return nll + st.z_coef * z, (nll, z)
 
 
 def _one_f_one_b(st: _Stage, params: dict):

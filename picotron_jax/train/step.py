@@ -18,9 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 from picotron_jax.config import Config
 from picotron_jax.errors import UserError
+from picotron_jax.parallel.ops import MeshOps
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
-from picotron_jax.train import moe_aux
+from picotron_jax.train import faults, moe_aux
 from picotron_jax.train import precision as mp
 from picotron_jax.train.remat import make_layer_stack
 from picotron_jax.train.state import StateSetup, TrainState
@@ -30,7 +31,8 @@ Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B,
 
 def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.PrecisionPolicy | None = None,
                    layer_stack: Callable | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
-    """params, batch -> (objective sum, (nll sum, z sum, MoE stats)); sums over the batch's unmasked tokens.
+    """params, batch[, fault flags] -> (objective sum, (nll sum, z sum, MoE stats)); sums over the batch's
+    unmasked tokens; the fault flags arm the fault injector's in-step faults (train/faults.py).
 
     Dtypes follow the precision policy (train/precision.py), the layer scan the remat policy
     (or `layer_stack`, e.g. the probes of train/precision_analysis.py). The third aux output holds
@@ -41,12 +43,17 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.Prec
     head_dtype = policy.dtype_of("head")
     layer_stack = layer_stack or make_layer_stack(cfg)
     z_coef = cfg.train.z_loss
+    ops = MeshOps(rules)
 
-    def loss_sums(params, batch):
+    def loss_sums(params, batch, fault_flags=None):
         model = nnx.merge(graphdef, nnx.State(params))
+        tap = None
+        if fault_flags is not None:  # the fault injector's in-step faults (train/faults.py)
+            batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
+            tap = faults.layer_tap(cfg.faults, fault_flags)
         batch, positions_T = to_sequence_layout(batch, rules)
-        h_BTD, moe_stats = model.hidden_states_and_moe_stats(batch["inputs"], rules, compute_dtype, positions_T,
-                                                             module_dtypes, layer_stack)
+        h_BTD, moe_stats = model.hidden_states_and_moe_stats(batch["inputs"], ops, compute_dtype, positions_T,
+                                                             module_dtypes, layer_stack, tap)
         h_BTD = h_BTD.astype(head_dtype)
         head = model.head_weight().astype(head_dtype)
         nll, z = vocab_parallel_cross_entropy(
@@ -94,8 +101,8 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     fp16 gradients keep their magnitude, and the gradients are divided by S in fp32."""
     loss_sums = make_loss_sums(cfg, rules, setup.spec.graphdef, setup.policy)
 
-    def scaled_loss_sums(params, batch, scale):
-        objective, aux = loss_sums(params, batch)
+    def scaled_loss_sums(params, batch, scale, fault_flags):
+        objective, aux = loss_sums(params, batch, fault_flags)
         return objective if scale is None else objective * scale, aux
 
     grad_of_sums = jax.value_and_grad(scaled_loss_sums, has_aux=True)
@@ -117,7 +124,7 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
                             f"per-module overrides or a policy file")
         pipelined = pipeline_loss_and_grads(cfg, rules, setup.spec, jnp.dtype(policy.compute_dtype))
 
-    def grads_and_metrics(params, batch, scale=None):
+    def grads_and_metrics(params, batch, scale=None, fault_flags=None):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
@@ -125,7 +132,7 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
             nll, z, grads = pipelined(params, split_microbatches(batch, cfg.pipeline.microbatches, rules))
             moe = None
         elif m == 1:
-            (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale)
+            (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale, fault_flags)
         else:
             micro = split_microbatches(batch, m, rules)
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -133,11 +140,12 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
 
             def accumulate(carry, mb):
                 g_acc, nll_acc, z_acc, moe_acc = carry
-                (_, (nll, z, moe)), g = grad_of_sums(params, mb, sums_scale)
+                (_, (nll, z, moe)), g = grad_of_sums(params, mb, sums_scale, fault_flags)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 return (g_acc, nll_acc + nll, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe)), None
 
-            moe_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale)[0][1][2]
+            moe_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale,
+                                        fault_flags)[0][1][2]
             moe0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
             (grads, nll, z, moe), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, moe0), micro)
         grad_denom = denom if scale is None else scale
@@ -149,19 +157,22 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
 
 
 def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
-    """Returns jitted (state, batch) -> (state, metrics); the state is donated."""
+    """Returns jitted (state, batch) -> (state, metrics); the state is donated. With in-step faults
+    configured (`faults.nan_step` / `faults.spike_step`), (state, batch, fault flags int32[2])."""
     grads_and_metrics = make_grad_fn(cfg, rules, setup)
     matmul_precision = mp.matmul_precision(cfg)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, fault_flags=None):
         with jax.default_matmul_precision(matmul_precision):
-            return update(state, batch)
+            return update(state, batch, fault_flags)
 
-    def update(state: TrainState, batch: Batch):
+    def update(state: TrainState, batch: Batch, fault_flags):
         scaler = state.loss_scale
-        metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale)
+        metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale, fault_flags)
         grads = jax.lax.with_sharding_constraint(grads, setup.shardings.params)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+        if fault_flags is not None and (factor := faults.update_scale(cfg.faults, fault_flags)) is not None:
+            updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         params = moe_aux.update_router_bias(cfg.moe, state.params, params, metrics)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
@@ -177,9 +188,11 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
 
     replicated = rules.named(P())
     batch_shardings = {k: rules.batch_sharding() for k in ("inputs", "targets", "mask")}
+    in_shardings = (setup.shardings, batch_shardings, replicated) if cfg.faults.in_step else \
+        (setup.shardings, batch_shardings)
     return jax.jit(
         train_step,
-        in_shardings=(setup.shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(setup.shardings, replicated),
         donate_argnums=(0,),
     )
