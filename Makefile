@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_DEVICES ?= 8
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
 
-.PHONY: train test test-slow bench install clean
+.PHONY: train test test-slow test-notebooks notebooks bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+test-notebooks: $(STAMP)
+	$(BIN)/python -m pytest -q -m notebooks
+
+notebooks: $(STAMP)
+	$(BIN)/python -m pip install --quiet jupyterlab
+	$(BIN)/jupyter lab notebooks/
 
 bench: $(STAMP)
 	$(BIN)/picotron-jax bench --peak --json benchmarks/results/peak.json

@@ -20,7 +20,10 @@ def test_loss_falls_on_the_default_corpus(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]
+    assert [r["step"] for r in evals] == [40] and evals[0]["eval_loss"] < rows[0]["loss"]  # default.yaml holds out
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
         assert key in rows[-1]
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5, [r["loss"] for r in rows]
@@ -28,6 +31,7 @@ def test_loss_falls_on_the_default_corpus(tmp_path, capsys):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["steps"] == 40 and saved["mesh"]["tensor"] == 2 and saved["train"]["zero_stage"] == 3
     assert "step 40/40 | loss" in out and "done" in out and "tok/s" in out
+    assert "eval step 40/40 | loss" in out and "sample (greedy, 48 tokens) | 'def main():\\n    ' -> '" in out
 
 
 def test_bench_writes_the_promised_json(tmp_path, capsys):
