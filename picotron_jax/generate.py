@@ -183,6 +183,9 @@ def cmd_generate(args) -> int:
             raise UserError(f"--run-dir {args.run_dir}: no config.yaml there; give the directory a training run wrote")
         cfg = load_config(config_file)
         location = default_location(cfg, Path(args.run_dir))
+        if not open_store(location).steps():
+            raise UserError(f"no checkpoint in {location}: the run saved none (checkpoint.every = "
+                            f"{cfg.checkpoint.every}); train with checkpoint.every=N to generate from it")
     else:
         root, step = split_location(args.checkpoint)
         steps = open_store(root).steps()

@@ -31,7 +31,7 @@ def test_loss_falls_on_the_default_corpus(tmp_path, capsys):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["steps"] == 40 and saved["mesh"]["tensor"] == 2 and saved["train"]["zero_stage"] == 3
     assert "step 40/40 | loss" in out and "done" in out and "tok/s" in out
-    assert "eval step 40/40 | loss" in out and "sample (greedy, 48 tokens) | 'def main():\\n    ' -> '" in out
+    assert "eval step 40/40 | loss" in out and "sample (temperature 0.8, 48 tokens) | 'def main():\\n    ' -> " in out
 
 
 def test_bench_writes_the_promised_json(tmp_path, capsys):

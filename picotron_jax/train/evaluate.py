@@ -47,10 +47,14 @@ def build_eval_step(cfg: Config, rules: MeshRules, setup: StateSetup):
 
 
 def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict[str, float]:
-    """Mean held-out loss, perplexity and token count; one host sync at the end."""
+    """Mean held-out loss, perplexity and token count.
+
+    One batch at a time: the eval programs do not depend on each other, and on XLA:CPU many of them in
+    flight at once can deadlock in their collectives (each device's program blocks a pool thread in a
+    rendezvous; measured with 32 batches on data=4 x tensor=2 with ZeRO-3)."""
     nll, tokens = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     for batch in batches:
-        batch_nll, batch_tokens = eval_step(params, batch)
+        batch_nll, batch_tokens = jax.block_until_ready(eval_step(params, batch))
         nll, tokens = nll + batch_nll, tokens + batch_tokens
     nll, tokens = (float(x) for x in jax.device_get((nll, tokens)))
     loss = nll / max(tokens, 1.0)
