@@ -53,12 +53,14 @@ def test_held_out_windows_never_appear_in_training_batches():
     ("tp2-dp4", []),
     ("pp2-dp2-tp2", ["eval.batch=8"]),  # 1F1B; eval batches split into the pipeline's 4 microbatches x data 2
     ("moe-ep8", []),
+    # make train's layout (data 4 x tensor 2, ZeRO-3) over 24 eval batches
+    ("default", ["eval.batch=4", "eval.tokens=3072"]),
 ])
 def test_validation_loss_on_a_layout_equals_one_device(name, extra):
     cfg = pj.load_config(name, ["train.seq_len=32", "eval.tokens=512", "logging.progress=false", *extra])
     layout = pj.Trainer(cfg).evaluate()
     single = pj.Trainer(cfg.replace(mesh=SINGLE, pipeline={"schedule": "none"})).evaluate()
-    assert layout["eval_tokens"] == single["eval_tokens"] == 512
+    assert layout["eval_tokens"] == single["eval_tokens"] == cfg.eval.tokens
     np.testing.assert_allclose(layout["eval_loss"], single["eval_loss"], rtol=1e-5)
 
 
