@@ -86,7 +86,7 @@ class Trainer(session.Session):
             if not summary.stopped_early and self.step_count == end:
                 summary.stopped_early = "train.stop_at_step" if n is None and end == stop_at else ""
                 if self.cfg.eval.enabled and self._last_eval != self.step_count:
-                    self.evaluate(summary)
+                    self._evaluate(summary)
             jax.block_until_ready(self.state)
         except BaseException as exc:
             summary.error = f"{type(exc).__name__}: {exc}"
@@ -131,7 +131,7 @@ class Trainer(session.Session):
             row = self._rows.row(number, outputs)
             self._record(row, summary, "on_log")
         if self.cfg.eval.enabled and self.cfg.eval.every and number % self.cfg.eval.every == 0:
-            self.evaluate(summary)
+            self._evaluate(summary)
         self.callbacks.fire("on_step_end", self, number, outputs)
         return row
 
@@ -163,8 +163,11 @@ class Trainer(session.Session):
             summary.eval_loss, summary.eval_ppl = evals[-1]["eval_loss"], evals[-1]["eval_ppl"]
 
     # ----------------------------------------------------------------------------- API
-    def evaluate(self, summary: Summary | None = None) -> dict:
-        """Validation loss and perplexity on the held-out split (config `eval`), as a row."""
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity on the held-out split (config `eval`), as a row (also logged)."""
+        return self._evaluate(None)
+
+    def _evaluate(self, summary: Summary | None) -> dict:
         result = evaluate_split(self.built.eval_step, self.state.params, self.built.eval_batches())
         row = self._rows.eval_row(self.step_count, result)
         self._last_eval = self.step_count
