@@ -176,17 +176,25 @@ def _pipeline(cfg: Config, program: Program, devices, meta: dict) -> dict | None
 
     sched = schedule_of_config(cfg, pipe)
     loops = [o for o in program.ops.values() if o.opcode == "while" and o.trip == sched.num_slots]
-    measured = loop_share = None
-    if loops:
-        name = max(loops, key=lambda o: sum(t.loop_time.get(o.name, 0.0) for t in devices)).name
-        fractions = [1.0 - t.loop_compute[name] / t.loop_time[name] for t in devices if t.loop_time.get(name)]
-        if fractions:
-            measured = statistics.mean(fractions)
-            loop_share = statistics.mean(t.loop_time.get(name, 0.0) for t in devices) / (
-                meta["wall_s"] if meta.get("wall_s") else 1.0)
-    return {"schedule": sched.kind, "p": sched.p, "m": sched.m, "v": sched.v, "slots": sched.num_slots,
-            "bubble_analytic": sched.analytic_bubble_fraction(), "bubble_counted": sched.bubble_fraction(),
-            "bubble_measured": measured, "loop_share": loop_share}
+    out = {"schedule": sched.kind, "p": sched.p, "m": sched.m, "v": sched.v, "slots": sched.num_slots,
+           "bubble_analytic": sched.analytic_bubble_fraction(), "bubble_counted": sched.bubble_fraction(),
+           "bubble_measured": None, "loop_share": None}
+    if not loops:
+        return out
+    name = max(loops, key=lambda o: sum(t.loop_time.get(o.name, 0.0) for t in devices)).name
+    timed = [t for t in devices if t.loop_time.get(name)]
+    if not timed:
+        return out
+    n = meta["steps"]
+    loop_s = statistics.mean(t.loop_time[name] for t in timed) / n
+    # the bubble as the ranks live it: waiting in the loop's exchanges for a neighbour that still computes
+    out["bubble_measured"] = statistics.mean(t.loop_wait.get(name, 0.0) / t.loop_time[name] for t in timed)
+    out["loop_share"] = loop_s / (meta["wall_s"] / n)
+    out["loop_s"] = loop_s
+    out["compute_per_op_s"] = statistics.mean(t.loop_compute.get(name, 0.0) for t in timed) / n / (2 * sched.m * sched.v)
+    out["transfer_per_slot_s"] = max(statistics.mean(t.loop_transfer.get(name, 0.0) for t in timed) / n, 0.0) / \
+        sched.num_slots
+    return out
 
 
 def _moe(meta: dict, cfg: Config, devices, n: int) -> dict | None:

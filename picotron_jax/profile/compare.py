@@ -48,11 +48,11 @@ def format_compare(c: dict, name_a: str, name_b: str) -> str:
              f"step: {ms(sa)} ms -> {ms(sb)} ms ({(sb - sa) / sa:+.1%})", "",
              f"{'time per step':<28} {'A ms':>10} {'B ms':>10} {'B-A ms':>10}"]
     for k, v in sorted(c["time"].items(), key=lambda kv: -abs(kv[1]["b"] - kv[1]["a"])):
-        lines.append(f"{k:<28} {ms(v['a']):>10} {ms(v['b']):>10} {ms(v['b'] - v['a']):>+10}")
+        lines.append(f"{k:<28} {ms(v['a']):>10} {ms(v['b']):>10} {(v['b'] - v['a']) * 1e3:>+10,.1f}")
     lines += ["", f"{'module':<28} {'A ms':>10} {'B ms':>10} {'B-A ms':>10} {'A GFLOP':>9} {'B GFLOP':>9}"]
     for k, v in sorted(c["modules"].items(), key=lambda kv: -abs(kv[1]["time_s"]["b"] - kv[1]["time_s"]["a"])):
         t, f = v["time_s"], v["flops"]
-        lines.append(f"{k:<28} {ms(t['a']):>10} {ms(t['b']):>10} {ms(t['b'] - t['a']):>+10} {f['a'] / 1e9:>9.3f} "
+        lines.append(f"{k:<28} {ms(t['a']):>10} {ms(t['b']):>10} {(t['b'] - t['a']) * 1e3:>+10,.1f} {f['a'] / 1e9:>9.3f} "
                      f"{f['b'] / 1e9:>9.3f}")
     lines += ["", f"{'memory per device':<28} {'A MiB':>10} {'B MiB':>10} {'B-A MiB':>10}"]
     for k, v in c["memory"].items():

@@ -58,6 +58,7 @@ class Op:
     control: bool = False  # while / conditional / call: encloses other ops' events
     host_callback: bool = False  # a custom-call into Python (jax.pure_callback / io_callback)
     trip: int = 0  # while ops: the loop's known trip count (0 = unknown)
+    loop: str = ""  # the outermost while op whose body (transitively) holds this op ("" = none)
 
 
 @dataclass
@@ -190,6 +191,7 @@ def build_program(hlo_text: str, mesh_shape: tuple[int, ...]) -> Program:
     fused = {c for comp in comps.values() for ins in comp.instrs if ins.opcode == "fusion"
              for c in flops._called(ins, "calls")}
     weights = _xla_weights(comps, entry, flops)
+    loops = _enclosing_loops(comps, entry, flops)
     prog = Program()
     for cname, comp in comps.items():
         if cname in fused or cname not in runs:
@@ -206,7 +208,7 @@ def build_program(hlo_text: str, mesh_shape: tuple[int, ...]) -> Program:
             module = _module(op_name)
             op = Op(ins.name, ins.opcode, module, _phase(op_name, module), flops.instruction(ins, comp),
                     weights.get(cname, 1), runs.get(cname, 1), op_name=op_name,
-                    control=ins.opcode in CONTROL)
+                    control=ins.opcode in CONTROL, loop=loops.get(cname, ""))
             from picotron_jax.observe.hlo import _tree_bytes
 
             op.out_bytes = _tree_bytes(ins.shape)
@@ -290,3 +292,23 @@ def _xla_weights(comps, entry, flops: _Flops) -> dict[str, int]:
     if entry is not None:
         visit(entry, 1)
     return weights
+
+
+def _enclosing_loops(comps, entry, flops: _Flops) -> dict[str, str]:
+    """computation -> the outermost while op that runs it (by body or condition), for loop-level timing."""
+    out: dict[str, str] = {}
+
+    def visit(name: str, loop: str, depth: int = 0) -> None:
+        if depth > 64 or (name in out and out[name]):
+            return
+        out[name] = loop
+        for ins in comps[name].instrs:
+            inner = loop or (ins.name if ins.opcode == "while" else "")
+            for key in ("body", "condition", "to_apply", "calls", "called_computations", "branch_computations",
+                        "true_computation", "false_computation"):
+                for c in flops._called(ins, key):
+                    visit(c, inner if key in ("body", "condition") or loop else loop, depth + 1)
+
+    if entry is not None:
+        visit(entry, "")
+    return out

@@ -25,7 +25,6 @@ from picotron_jax.config import Config, resolve_mesh_shape
 from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def _valid(cfg: Config, overrides: list[str], num_devices: int) -> bool:
@@ -85,12 +84,16 @@ def _bubble(report, cfg, sizes, step, share, spare, n, devices):
         over = [f"pipeline.microbatches={m_new}"]
         if not _valid(cfg, over, n):
             continue
-        new = build_schedule(p["schedule"], p["p"], m_new, p["v"]).analytic_bubble_fraction()
-        b_new = b * new / p["bubble_analytic"]
-        gain = (p["loop_share"] or 1.0) * (1.0 - (1.0 - b) / (1.0 - b_new))
+        sched = build_schedule(p["schedule"], p["p"], m_new, p["v"])
+        b_new = b * sched.analytic_bubble_fraction() / p["bubble_analytic"]
+        # loop time = slots x (one op's compute + one slot's exchange): ops shrink with m, slots grow with m
+        u, q = p["compute_per_op_s"], p["transfer_per_slot_s"]
+        model_now = p["slots"] * (u + q) / max(1.0 - b, 1e-6)
+        model_new = sched.num_slots * (u * m / m_new + q) / max(1.0 - b_new, 1e-6)
+        gain = p["loop_s"] * (1.0 - model_new / model_now) / step
         best = (over, m_new, b_new, gain)
         break
-    if best is None:
+    if best is None or best[3] <= 0:
         return None
     over, m_new, b_new, gain = best
     return _finding(
@@ -209,8 +212,12 @@ def _small_batch(report, cfg, sizes, step, share, spare, n, devices):
     achieved = sum(r * m["time_s"] for r, m in zip(rate, mm)) / max(sum(m["time_s"] for m in mm), 1e-12)
     b = report["breakdown"]
     compute = b.get("compute", 0.0)
-    # per-step costs that do not grow with the batch: collective latency, the runtime, the host
-    fixed = sum(v for k, v in b.items() if k in ("runtime", "host", "other-collective") or k in COLLECTIVES)
+    # per-step costs that do not grow with the batch: the runtime, the host, and the gradient and parameter
+    # collectives (over data / pipe; activation exchanges over tensor, context, expert and pipe permutes grow)
+    grads = sum(max(r["time_s"] - r["wait_s"], 0.0) for r in report["collectives"]
+                if r["kind"] in ("all-reduce", "all-gather", "reduce-scatter")
+                and set(r["axes"]) <= {"data", "pipe", "none"})
+    fixed = b.get("runtime", 0.0) + b.get("host", 0.0) + grads
     if achieved > 0.3 and fixed < 0.3 * step:
         return None
     k = 4
@@ -222,7 +229,7 @@ def _small_batch(report, cfg, sizes, step, share, spare, n, devices):
         "small_batch", f"small per-device batch: {tokens} tokens per device, matmuls at {achieved:.0%} of peak",
         f"each device computes on {rows} x {cfg.train.seq_len} tokens; its matmul modules reach {achieved:.0%} of "
         f"the device peak and {fixed / step:.0%} of the step goes to per-step costs that do not grow with the "
-        f"batch (collective transfers, runtime, host): a {k}x larger batch spreads them over {k}x the tokens "
+        f"batch (gradient collectives, runtime, host): a {k}x larger batch spreads them over {k}x the tokens "
         f"(per-token gain; scale optimizer.lr with it)",
         over, gain, step, None, {"tokens_per_device": tokens, "matmul_peak_fraction": achieved,
                                  "fixed_s": fixed, "compute_s": compute})

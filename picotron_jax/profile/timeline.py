@@ -75,8 +75,10 @@ class DeviceTimeline:
     overlap: float = 0.0  # seconds of collective time that ran while an op of compute ran too
     op_time: dict[str, float] = field(default_factory=dict)  # op name -> summed event time
     op_runs: dict[str, int] = field(default_factory=dict)  # op name -> executions in the window
-    loop_time: dict[str, float] = field(default_factory=dict)  # while op -> its events' time
-    loop_compute: dict[str, float] = field(default_factory=dict)  # while op -> compute inside its events
+    loop_time: dict[str, float] = field(default_factory=dict)  # while op -> first to last op of its body, per run
+    loop_compute: dict[str, float] = field(default_factory=dict)  # while op -> compute of its body's ops
+    loop_wait: dict[str, float] = field(default_factory=dict)  # while op -> waiting in its body's collectives
+    loop_transfer: dict[str, float] = field(default_factory=dict)  # while op -> its collectives' time, not waiting
 
 
 @dataclass
@@ -133,7 +135,8 @@ def _one_device(d: int, events: list[Event], program: Program, window: Window, w
     tl = DeviceTimeline(d)
     cats: dict[str, list[tuple[float, float]]] = defaultdict(list)
     runs: dict[str, list[float]] = {}
-    loops: list[tuple[str, float, float]] = []
+    loop_spans: dict[tuple[str, str], list[float]] = {}
+    loop_compute: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for e in events:
         name = e.args.get("hlo_op", e.name)
         op = program.ops[name]
@@ -143,9 +146,12 @@ def _one_device(d: int, events: list[Event], program: Program, window: Window, w
         span[0], span[1] = min(span[0], a), max(span[1], b)
         tl.op_time[name] = tl.op_time.get(name, 0.0) + (b - a)
         tl.op_runs[name] = tl.op_runs.get(name, 0) + 1
+        if op.loop:  # XLA:CPU's while event does not enclose its body's ops: time the loop by its body
+            ls = loop_spans.setdefault((op.loop, run), [a, b])
+            ls[0], ls[1] = min(ls[0], a), max(ls[1], b)
+            if not op.control and not op.collective and not op.host_callback:
+                loop_compute[op.loop].append((a, b))
         if op.control:
-            if op.opcode == "while":
-                loops.append((name, a, b))
             continue
         if op.collective:
             kind = op.collective if op.collective in COLLECTIVE_KINDS else "other-collective"
@@ -160,6 +166,11 @@ def _one_device(d: int, events: list[Event], program: Program, window: Window, w
                 if wb > wa:
                     cats["collective_wait"].append((wa, wb))
                     tl.wait_by_kind[kind] = tl.wait_by_kind.get(kind, 0.0) + (wb - wa)
+                    if op.loop:
+                        tl.loop_wait[op.loop] = tl.loop_wait.get(op.loop, 0.0) + (wb - wa)
+                        tl.loop_transfer[op.loop] = tl.loop_transfer.get(op.loop, 0.0) - (wb - wa)
+            if op.loop:
+                tl.loop_transfer[op.loop] = tl.loop_transfer.get(op.loop, 0.0) + (b - a)
         elif op.host_callback:
             cats["host_callback"].append((a, b))
         else:
@@ -180,8 +191,8 @@ def _one_device(d: int, events: list[Event], program: Program, window: Window, w
         tl.seconds[cat] = length(covered) - before
     comm = merge([iv for k in COLLECTIVE_KINDS + ("other-collective",) for iv in merged.get(k, [])])
     tl.overlap = intersect_length(comm, merged.get("compute", []))
-    compute = merged.get("compute", [])
-    for name, a, b in loops:
-        tl.loop_time[name] = tl.loop_time.get(name, 0.0) + (b - a)
-        tl.loop_compute[name] = tl.loop_compute.get(name, 0.0) + intersect_length([(a, b)], compute)
+    for (loop, _), (a, b) in loop_spans.items():
+        tl.loop_time[loop] = tl.loop_time.get(loop, 0.0) + (b - a)
+    for loop, ivs in loop_compute.items():
+        tl.loop_compute[loop] = length(merge(ivs))
     return tl
