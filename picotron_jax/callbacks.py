@@ -65,7 +65,7 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
     main = jax.process_index() == 0
     out: list = []
     f = cfg.faults
-    if f.in_step or f.sleep_step or f.hang_step or f.flip_step or f.slow_read_s > 0:
+    if f.in_step or f.sleep_step or f.hang_step or f.flip_step or f.slow_read_s > 0 or f.moe_collapse_step:
         out.append(FaultInjector(f, run_dir))
     if cfg.precision.mode == "fp16" and cfg.precision.promote_after > 0:
         out.append(PrecisionPromotion())
@@ -79,5 +79,9 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
             out.append(ProgressBar())
     if cfg.generate.prompt:
         out.append(SampleAtEnd())
+    if cfg.profile.start_step:  # a profiling window (picotron_jax/profile); imported only when asked for
+        from picotron_jax.profile.window import ProfiledWindow
+
+        out.append(ProfiledWindow(cfg, run_dir))
     return out + named + list(extra)
 

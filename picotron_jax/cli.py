@@ -1,5 +1,5 @@
 """The `picotron-jax` command: train, generate, bench, tokenizer, launch, ckpt, export, memory, precision,
-pipeline-schedule.
+pipeline-schedule, profile.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
 multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 130 interrupted.
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.generate import add_parser as add_generate_parser
 
     add_generate_parser(sub)
+    from picotron_jax.profile.command import add_parser as add_profile_parser
+
+    add_profile_parser(sub, _add_config_args)
     return parser
 
 
@@ -198,7 +201,13 @@ def cmd_precision(args) -> int:
     return run_precision(args, _load)
 
 
-COMMANDS = {"train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
+def cmd_profile(args) -> int:
+    from picotron_jax.profile.command import cmd_profile as run_profile
+
+    return run_profile(args, _load)
+
+
+COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
             "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
             "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)

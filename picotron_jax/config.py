@@ -170,7 +170,7 @@ class GenerateConfig:
     seed: int = 0
 
 
-FAULT_PHASES = ("step", "data")
+FAULT_PHASES = ("step", "data", "device")
 NAN_SITES = ("forward", "gradient")
 SPIKE_KINDS = ("noise", "lr")
 
@@ -193,7 +193,12 @@ class FaultsConfig:
     sleep_step: int = 0  # sleep sleep_s seconds from this step on, for sleep_steps steps; 0 = off
     sleep_steps: int = 1  # 0 = until the end
     sleep_s: float = 0.0
-    sleep_phase: str = "step"  # step (before the step is dispatched) | data (in the data loader)
+    sleep_phase: str = "step"  # step (before the step is dispatched) | data (in the data loader) | device (one
+    #                            device's step starts sleep_s late: its batch shard arrives late; a straggler)
+    device: int = 0  # sleep_phase=device: the device (index in the run's device list) that is late
+    moe_collapse_step: int = 0  # from this step on (>= 2) the MoE routers' weights are zero before every step, so
+    #                             every token picks experts 0..top_k-1 (a collapsed router); 0 = off
+    moe_collapse_steps: int = 0  # steps it lasts; 0 = until the end
     hang_step: int = 0  # the process stops before this step and never continues (a hang); 0 = off
     flip_step: int = 0  # after this step, one element of one array changes by one ulp on one device; 0 = off
     flip_array: str = ""  # parameter path, e.g. layers.wq; "" = the first parameter
@@ -203,6 +208,17 @@ class FaultsConfig:
     @property
     def in_step(self) -> bool:
         return self.nan_step > 0 or self.spike_step > 0
+
+
+@dataclass
+class ProfileConfig:
+    """A profiling window in a training run (picotron_jax/profile): jax.profiler traces steps start_step ..
+    start_step + steps - 1 into `dir`, then the window is analysed (profile.md, profile.json)."""
+
+    start_step: int = 0  # first traced step (>= 2: step 1 compiles); 0 = off
+    steps: int = 3
+    dir: str = ""  # "" -> RUN_DIR/profile
+    analyze: bool = True  # analyse the window when it ends (bottleneck findings); false = trace only
 
 
 @dataclass
@@ -276,6 +292,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

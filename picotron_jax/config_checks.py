@@ -211,7 +211,19 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_eval(cfg, sizes)
     validate_generate(cfg)
     validate_faults(cfg, sizes)
+    validate_profile(cfg)
     return sizes
+
+
+def validate_profile(cfg: Config) -> None:
+    p = cfg.profile
+    _need(p.start_step == 0 or p.start_step >= 2,
+          f"config field 'profile.start_step' = {p.start_step}: must be 0 (off) or >= 2 (step 1 compiles the step; "
+          f"profile steady steps)")
+    _need(p.steps >= 1, f"config field 'profile.steps' = {p.steps}: must be >= 1")
+    _need(p.start_step == 0 or p.start_step + p.steps - 1 <= cfg.train.steps,
+          f"config field 'profile.start_step' = {p.start_step}: the window (profile.steps = {p.steps}) must end by "
+          f"train.steps = {cfg.train.steps}")
 
 
 def validate_eval(cfg: Config, sizes: dict[str, int]) -> None:
@@ -240,7 +252,8 @@ def validate_generate(cfg: Config) -> None:
 
 def validate_faults(cfg: Config, sizes: dict[str, int]) -> None:
     f = cfg.faults
-    for name in ("nan_step", "spike_step", "sleep_step", "sleep_steps", "hang_step", "flip_step", "process"):
+    for name in ("nan_step", "spike_step", "sleep_step", "sleep_steps", "hang_step", "flip_step", "process",
+                 "moe_collapse_steps"):
         value = getattr(f, name)
         _need(value >= 0, f"config field 'faults.{name}' = {value}: must be >= 0 (0 = off)")
     for name, allowed in (("nan_site", NAN_SITES), ("spike_kind", SPIKE_KINDS), ("sleep_phase", FAULT_PHASES)):
@@ -257,6 +270,12 @@ def validate_faults(cfg: Config, sizes: dict[str, int]) -> None:
     _need(f.flip_step == 0 or 0 <= f.flip_replica < sizes["data"],
           f"config field 'faults.flip_replica' = {f.flip_replica}: must be an index along mesh.data, 0 to "
           f"{sizes['data'] - 1}")
+    n = math.prod(sizes.values())
+    _need(f.sleep_phase != "device" or 0 <= f.device < n,
+          f"config field 'faults.device' = {f.device}: must be a device of this run, 0 to {n - 1}")
+    _need(f.moe_collapse_step == 0 or (f.moe_collapse_step >= 2 and cfg.moe.enabled),
+          f"config field 'faults.moe_collapse_step' = {f.moe_collapse_step}: must be 0 (off) or >= 2 (the routers "
+          f"are zeroed after the step before it), in a model with MoE layers (moe.num_experts > 0)")
     _need(not f.in_step or sizes["pipe"] == 1,
           f"config field 'faults.{'nan_step' if f.nan_step else 'spike_step'}': in-step faults are built into the "
           f"plain step's layer stack; the pipeline's stage program (mesh.pipe = {sizes['pipe']}) has no fault "

@@ -8,7 +8,13 @@ jitted step (train/faults.py); this callback does the host-side ones and logs ev
 * hang one process before `faults.hang_step` (it never continues: the watchdog's case);
 * change one element of one array by one ulp on one device of data-parallel replica
   `faults.flip_replica` after `faults.flip_step` (replicas that should agree no longer do);
-* slow reads of the data source (`faults.slow_read_s` per batch).
+* slow reads of the data source (`faults.slow_read_s` per batch);
+* one late device (`faults.sleep_phase=device`, `faults.device`): after each step its copy of the
+  step counter passes through a host callback that sleeps `faults.sleep_s` on that device, so its
+  next step starts late and the others wait for it at their first collective (a straggler; the
+  other devices and the program are untouched);
+* a collapsed MoE router (`faults.moe_collapse_step`): the routers' weights are zeroed before every
+  step of the fault, so all router scores tie and every token picks experts 0..top_k-1.
 
 Each injection prints one line "fault injected at step K: ..." and appends a row to
 RUN_DIR/faults.jsonl ({"step", "fault", "process"}).
@@ -61,11 +67,46 @@ def flip_one_ulp(params: dict, path: str, replica: int, mesh) -> tuple[dict, str
     return out, f"one ulp changed in {name}[0] on device {target.id} (data replica {replica})"
 
 
+_LATE: dict[tuple, Any] = {}
+
+
+def _late_copy(x: jax.Array, seconds: float) -> jax.Array:
+    """`x` (one device's shard), ready `seconds` later: a jitted host callback on x's device sleeps first."""
+    key = (x.shape, str(x.dtype), seconds)
+    if key not in _LATE:
+        def sleep_then_return(value):
+            time.sleep(seconds)
+            return np.asarray(value)
+
+        _LATE[key] = jax.jit(lambda v: jax.pure_callback(sleep_then_return, jax.ShapeDtypeStruct(v.shape, v.dtype), v))
+    return _LATE[key](x)
+
+
+def late_on_device(arr: jax.Array, device, seconds: float) -> jax.Array:
+    """`arr` with its shard on `device` made ready `seconds` late (the other shards as they are)."""
+    shards = [_late_copy(s.data, seconds) if s.device == device else s.data for s in arr.addressable_shards]
+    return jax.make_array_from_single_device_arrays(arr.shape, arr.sharding, shards)
+
+
+def _replace(trainer, change) -> None:
+    """Ask the loop for `change(state)`, composing with a replacement another fault asked for this step."""
+    state = trainer.control.new_state if trainer.control.new_state is not None else trainer.state
+    trainer.control.replace_state(change(state))
+
+
+def collapse_routers(params: dict) -> dict:
+    """`params` with every MoE router weight zeroed (scores tie: top_k picks the lowest expert indices)."""
+    moe = params["moe"]
+    return {**params, "moe": {k: (jax.numpy.zeros_like(v) if k.startswith("router") and not k.endswith("bias")
+                                  else v) for k, v in moe.items()}}
+
+
 class FaultInjector(Callback):
     def __init__(self, cfg: FaultsConfig, run_dir: Path | None):
         self.cfg = cfg
         self.path = run_dir / "faults.jsonl" if run_dir is not None else None
         self.here = jax.process_index() == cfg.process
+        self._late_device = None
 
     def _sleeping(self, step: int, phase: str) -> bool:
         c = self.cfg
@@ -107,8 +148,17 @@ class FaultInjector(Callback):
 
         return slow_read
 
+    def _collapsing(self, step: int) -> bool:
+        c = self.cfg
+        return c.moe_collapse_step > 0 and step >= c.moe_collapse_step and (
+            c.moe_collapse_steps == 0 or step < c.moe_collapse_step + c.moe_collapse_steps)
+
     def on_run_start(self, trainer):
         c = self.cfg
+        if self._sleeping_anywhere("device"):
+            self._late_device = trainer.built.devices[c.device]
+            self._log(trainer, c.sleep_step, f"device {self._late_device.id} starts its step {c.sleep_s:g}s late "
+                                             f"for {c.sleep_steps or 'all'} step(s)")
         if self._sleeping_anywhere("data"):
             self._log(trainer, c.sleep_step, f"process {c.process}'s data loader sleeps {c.sleep_s:g}s per batch "
                                              f"for {c.sleep_steps or 'all'} step(s)")
@@ -120,8 +170,15 @@ class FaultInjector(Callback):
         return self.here and c.sleep_step > 0 and c.sleep_s > 0 and c.sleep_phase == phase
 
     def on_step_end(self, trainer, step, outputs):
+        if self._late_device is not None and self._sleeping(step + 1, "device"):  # the next step starts late there
+            _replace(trainer, lambda st: st.replace(step=late_on_device(st.step, self._late_device, self.cfg.sleep_s)))
+        if self._collapsing(step + 1):  # replaced after this step's events: the next step runs collapsed
+            _replace(trainer, lambda st: st.replace(params=collapse_routers(st.params)))
+            if step + 1 == self.cfg.moe_collapse_step:
+                self._log(trainer, step + 1, "the MoE routers' weights are zeroed before every step (a collapsed "
+                                             "router: every token picks experts 0..top_k-1)")
         if self.cfg.flip_step == step:
             params, what = flip_one_ulp(trainer.state.params, self.cfg.flip_array, self.cfg.flip_replica,
                                         trainer.mesh)
-            trainer.control.replace_state(trainer.state.replace(params=params))
+            _replace(trainer, lambda st: st.replace(params=params))
             self._log(trainer, step, what)

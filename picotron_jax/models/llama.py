@@ -64,20 +64,23 @@ def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConf
                        attention_dtype=None) -> jax.Array:
     """x + Attn(norm(x))."""
     q_BTHK, k_BTGK, v_BTGK = attention_inputs(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype)
-    o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
+    with jax.named_scope("attention"):
+        o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
     return attention_output(p, x_BTD, o_BTHK, ops)
 
 
 def attention_inputs(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
                      attention_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rotated queries [B, T, H, K], keys and values [B, T, G, K] of norm(x) (also the KV cache's input)."""
-    h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps), "attn_norm")
-    q_BTHK = checkpoint_name(project("btd,dhk->bthk", h_BTD, p["wq"]), "wq")
-    k_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wk"]), "wk")
-    v_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wv"]), "wv")
-    q_BTHK = ops.constrain(apply_rotary(q_BTHK, cos_TK, sin_TK), ("batch", "seq", "heads", "head_dim"))
-    k_BTGK = ops.constrain(apply_rotary(k_BTGK, cos_TK, sin_TK), ("batch", "seq", "kv_heads", "head_dim"))
-    v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
+    with jax.named_scope("attn_norm"):
+        h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps), "attn_norm")
+    with jax.named_scope("qkv"):
+        q_BTHK = checkpoint_name(project("btd,dhk->bthk", h_BTD, p["wq"]), "wq")
+        k_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wk"]), "wk")
+        v_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wv"]), "wv")
+        q_BTHK = ops.constrain(apply_rotary(q_BTHK, cos_TK, sin_TK), ("batch", "seq", "heads", "head_dim"))
+        k_BTGK = ops.constrain(apply_rotary(k_BTGK, cos_TK, sin_TK), ("batch", "seq", "kv_heads", "head_dim"))
+        v_BTGK = ops.constrain(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
     if attention_dtype is not None:
         q_BTHK, k_BTGK, v_BTGK = (t.astype(attention_dtype) for t in (q_BTHK, k_BTGK, v_BTGK))
     return q_BTHK, k_BTGK, v_BTGK
@@ -85,18 +88,21 @@ def attention_inputs(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig
 
 def attention_output(p: dict, x_BTD: jax.Array, o_BTHK: jax.Array, ops: ParallelOps) -> jax.Array:
     """x + the output projection of the attention's output."""
-    x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("bthk,hkd->btd", o_BTHK, p["wo"])), "wo")
-    return ops.constrain(x_BTD, ("batch", "seq", "embed"))
+    with jax.named_scope("attn_out"):
+        x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("bthk,hkd->btd", o_BTHK, p["wo"])), "wo")
+        return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
 
 def dense_mlp_residual(p: dict, x_BTD: jax.Array, cfg: ModelConfig, ops: ParallelOps) -> jax.Array:
     """x + SwiGLU(norm(x))."""
-    h_BTD = checkpoint_name(rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps), "mlp_norm")
-    gate_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_gate"]), "w_gate")
-    up_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_up"]), "w_up")
-    act_BTF = ops.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("btf,fd->btd", act_BTF, p["w_down"])), "w_down")
-    return ops.constrain(x_BTD, ("batch", "seq", "embed"))
+    with jax.named_scope("mlp_norm"):
+        h_BTD = checkpoint_name(rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps), "mlp_norm")
+    with jax.named_scope("mlp"):
+        gate_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_gate"]), "w_gate")
+        up_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_up"]), "w_up")
+        act_BTF = ops.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+        x_BTD = x_BTD + checkpoint_name(ops.sum_partials(project("btf,fd->btd", act_BTF, p["w_down"])), "w_down")
+        return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
 
 def scan_layers(block: Callable, x_BTD: jax.Array, stacked: dict, unroll: int) -> jax.Array:
@@ -179,8 +185,9 @@ class Llama(nnx.Module):
         cfg = self.cfg
         T = tokens_BT.shape[1]
         dtype_of = lambda module: (module_dtypes or {}).get(module, compute_dtype)  # noqa: E731
-        x_BTD = ops.embed(self.embed[...].astype(dtype_of("embed")), tokens_BT).astype(compute_dtype)
-        x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
+        with jax.named_scope("embed"):
+            x_BTD = ops.embed(self.embed[...].astype(dtype_of("embed")), tokens_BT).astype(compute_dtype)
+            x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
         positions_T = jnp.arange(T) if positions_T is None else positions_T
         cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
         stacked = {name: v[...].astype(dtype_of(f"layers.{name}")) for name, v in self.layers.items()}
@@ -194,17 +201,21 @@ class Llama(nnx.Module):
 
         if self.moe_plan is None:
             x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
-            return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), None
+            with jax.named_scope("final_norm"):
+                return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), None
 
         def moe_block(p, p_moe, x):
             x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
-            y, stats = moe_math.moe_ffn(p_moe, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), self.moe_cfg, ops)
+            with jax.named_scope("mlp_norm"):
+                h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+            y, stats = moe_math.moe_ffn(p_moe, h, self.moe_cfg, ops)
             return tap(ops.constrain(x + y, ("batch", "seq", "embed")), p), stats
 
         moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype) for k, v in self.moe.items()}
         x_BTD, stats = run_mixed_stack(stacked, moe_params, x_BTD, self.moe_plan,
                                        lambda p, x: block(x, p), moe_block, cfg.scan_unroll)
-        return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), stats
+        with jax.named_scope("final_norm"):
+            return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), stats
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (full logits: for inference and inspection)."""

@@ -183,24 +183,32 @@ def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: "Par
     dropped (copies), aux (Switch loss), z (router z-loss), all over this call's whole batch."""
     B, T, D = h_BTD.shape
     E, K = cfg.num_experts, cfg.top_k
-    r = route(h_BTD, p["router"], p.get("router_bias"), cfg)
+    with jax.named_scope("moe_router"):  # named scopes: the profiler's modules (picotron_jax/profile)
+        r = route(h_BTD, p["router"], p.get("router_bias"), cfg)
     experts = (p["w_gate"], p["w_up"], p["w_down"])
     if cfg.dispatch == "capacity":
-        C = expert_capacity(T, K, E, cfg.capacity_factor)
-        positions_BTK = capacity_positions(r.experts_BTK, r.priority_BTK, E)
-        dispatch_BTEC, combine_BTEC, kept_BTK = capacity_masks(r.experts_BTK, r.weights_BTK, positions_BTK, E, C)
-        x_EBCD = jnp.einsum("btec,btd->ebcd", dispatch_BTEC.astype(h_BTD.dtype), h_BTD)
-        y_EBCD = ops.capacity_experts(ops.constrain(x_EBCD, (None, "batch", None, "embed")), *experts)
-        y_BTD = jnp.einsum("ebcd,btec->btd", y_EBCD, combine_BTEC.astype(h_BTD.dtype))
-        dropped = B * T * K - jnp.sum(kept_BTK.astype(F32))
+        with jax.named_scope("moe_dispatch"):
+            C = expert_capacity(T, K, E, cfg.capacity_factor)
+            positions_BTK = capacity_positions(r.experts_BTK, r.priority_BTK, E)
+            dispatch_BTEC, combine_BTEC, kept_BTK = capacity_masks(r.experts_BTK, r.weights_BTK, positions_BTK, E, C)
+            x_EBCD = jnp.einsum("btec,btd->ebcd", dispatch_BTEC.astype(h_BTD.dtype), h_BTD)
+        with jax.named_scope("moe_experts"):
+            y_EBCD = ops.capacity_experts(ops.constrain(x_EBCD, (None, "batch", None, "embed")), *experts)
+        with jax.named_scope("moe_combine"):
+            y_BTD = jnp.einsum("ebcd,btec->btd", y_EBCD, combine_BTEC.astype(h_BTD.dtype))
+            dropped = B * T * K - jnp.sum(kept_BTK.astype(F32))
     else:
-        y_BTKD = ops.dropless_experts(h_BTD, r.experts_BTK, *experts)
-        y_BTD = jnp.einsum("btkd,btk->btd", y_BTKD, r.weights_BTK.astype(h_BTD.dtype))
-        dropped = jnp.zeros((), F32)
+        with jax.named_scope("moe_experts"):
+            y_BTKD = ops.dropless_experts(h_BTD, r.experts_BTK, *experts)
+        with jax.named_scope("moe_combine"):
+            y_BTD = jnp.einsum("btkd,btk->btd", y_BTKD, r.weights_BTK.astype(h_BTD.dtype))
+            dropped = jnp.zeros((), F32)
     if "shared_gate" in p:  # DeepSeek shared experts: a dense SwiGLU every token goes through
-        act_BTS = jax.nn.silu(project("btd,ds->bts", h_BTD, p["shared_gate"])) * project(
-            "btd,ds->bts", h_BTD, p["shared_up"])
-        y_BTD = y_BTD + project("bts,sd->btd", ops.constrain(act_BTS, ("batch", "seq", "mlp")), p["shared_down"])
+        with jax.named_scope("moe_shared"):
+            act_BTS = jax.nn.silu(project("btd,ds->bts", h_BTD, p["shared_gate"])) * project(
+                "btd,ds->bts", h_BTD, p["shared_up"])
+            y_BTD = y_BTD + project("bts,sd->btd", ops.constrain(act_BTS, ("batch", "seq", "mlp")),
+                                    p["shared_down"])
     stats = {
         "load": expert_load(r.experts_BTK, E),
         "dropped": dropped,

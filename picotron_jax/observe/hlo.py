@@ -478,3 +478,77 @@ def collective_stats(hlo_text: str) -> dict[str, Any]:
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes moved per device by each collective kind in one execution (see module doc)."""
     return collective_stats(hlo_text)["bytes"]
+
+
+# ----------------------------------------------------------------------------- per-instruction API
+# For tools that join the compiled program to a trace (picotron_jax/profile): the parsed module,
+# how often each computation runs, and each collective's kind, bytes and device groups.
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, Any], str | None]:
+    """(computations by name, entry name) of an optimized HLO module's text. Each computation has
+    `instrs` (name, shape, opcode, operands, attrs, raw_attrs) and `shapes`."""
+    return _parse_module(hlo_text)
+
+
+def computation_runs(comps: dict[str, Any], entry: str | None) -> dict[str, int]:
+    """How many times each computation reachable from ENTRY runs per program execution: a while body
+    its trip count (1 if unknown), every branch of a conditional once (an upper bound), everything
+    else once per execution of its caller."""
+    runs: dict[str, int] = {}
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        runs[name] = runs.get(name, 0) + times
+        for ins in comps[name].instrs:
+            op = ins.opcode
+            if op == "async-done" or op == "async-update" or op.endswith(("-done", "-update")):
+                continue
+            refs = _refs(ins, comps)
+            trip = 1
+            if op == "while":
+                m = _TRIP_RE.search(ins.raw_attrs)
+                trip = int(m.group(1)) if m else 1
+            for key, names in refs.items():
+                for c in names:
+                    visit(c, times * (trip if key == "body" else trip + 1 if key == "condition" else 1), depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    return runs
+
+
+def instruction_collective(ins: Any, comp: Any) -> tuple[str, int] | None:
+    """(kind, bytes per execution) of a collective instruction (sizes as in the module doc), else None."""
+    return _collective(ins, comp)
+
+
+def device_groups(raw_attrs: str) -> list[list[int]]:
+    """The device (partition) groups a collective runs over: `replica_groups` in list, iota
+    (`[G,S]<=[dims]T(perm)`) or mesh form, or the pairs of a collective-permute."""
+    import numpy as np
+
+    m = _GROUPS_LIST_RE.search(raw_attrs)
+    if m and m.group(1).strip():
+        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", raw_attrs)
+    if m:
+        dims = [int(x) for x in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = _GROUPS_MESH_RE.search(raw_attrs)
+    if m:
+        sizes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        grouped = re.findall(r"'([^']+)'", m.group(2))
+        ids = np.arange(math.prod(n for _, n in sizes)).reshape([n for _, n in sizes] or [1])
+        order = [i for i, (a, _) in enumerate(sizes) if a not in grouped] + \
+            [i for i, (a, _) in enumerate(sizes) if a in grouped]
+        width = math.prod(n for a, n in sizes if a in grouped)
+        return ids.transpose(order).reshape(-1, width).tolist()
+    m = _PAIRS_RE.search(raw_attrs)
+    if m and m.group(1):
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+    return []

@@ -113,13 +113,16 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
             return decoder_layers(stacked, x_bTD, cos_TK, sin_TK, mc, STAGE_OPS)
 
         def embed(table_vD, i):
-            return STAGE_OPS.embed(table_vD.astype(cd), micro["inputs"][i])
+            with jax.named_scope("embed"):  # named scopes: the profiler's modules (picotron_jax/profile)
+                return STAGE_OPS.embed(table_vD.astype(cd), micro["inputs"][i])
 
         def head_loss(final_norm, head, y_bTD, i):
-            h_bTD = rms_norm(y_bTD, final_norm, mc.rms_norm_eps)
-            nll, z = local_xent(head_spec, h_bTD, head.astype(cd), micro["targets"][i],
-                                 micro["mask"][i].astype(F32))
-            return nll + z_coef * z, (nll, z)
+            with jax.named_scope("final_norm"):
+                h_bTD = rms_norm(y_bTD, final_norm, mc.rms_norm_eps)
+            with jax.named_scope("head"):
+                nll, z = local_xent(head_spec, h_bTD, head.astype(cd), micro["targets"][i],
+                                     micro["mask"][i].astype(F32))
+                return nll + z_coef * z, (nll, z)
 
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, head_key, act_axes,
                     _vary(jnp.zeros((b, T, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef)

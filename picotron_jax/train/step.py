@@ -54,11 +54,12 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.Prec
         batch, positions_T = to_sequence_layout(batch, rules)
         h_BTD, moe_stats = model.hidden_states_and_moe_stats(batch["inputs"], ops, compute_dtype, positions_T,
                                                              module_dtypes, layer_stack, tap)
-        h_BTD = h_BTD.astype(head_dtype)
-        head = model.head_weight().astype(head_dtype)
-        nll, z = vocab_parallel_cross_entropy(
-            rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
-        )
+        with jax.named_scope("head"):  # named scopes: the profiler's modules (picotron_jax/profile)
+            h_BTD = h_BTD.astype(head_dtype)
+            head = model.head_weight().astype(head_dtype)
+            nll, z = vocab_parallel_cross_entropy(
+                rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
+            )
         moe_stats = moe_aux.token_weighted(moe_stats, jnp.sum(batch["mask"].astype(jnp.float32)))
         return nll + z_coef * z + moe_aux.balancing_objective(cfg.moe, moe_stats), (nll, z, moe_stats)
 
@@ -170,12 +171,13 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
         scaler = state.loss_scale
         metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale, fault_flags)
         grads = jax.lax.with_sharding_constraint(grads, setup.shardings.params)
-        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-        if fault_flags is not None and (factor := faults.update_scale(cfg.faults, fault_flags)) is not None:
-            updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
-        params = moe_aux.update_router_bias(cfg.moe, state.params, params, metrics)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
+        with jax.named_scope("optimizer"):
+            updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+            if fault_flags is not None and (factor := faults.update_scale(cfg.faults, fault_flags)) is not None:
+                updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+            params = optax.apply_updates(state.params, updates)
+            params = moe_aux.update_router_bias(cfg.moe, state.params, params, metrics)
+            metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
         if scaler is not None:  # fp16: skip the update on non-finite gradients, adjust the scale
             finite = mp.all_finite(grads)
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
