@@ -10,9 +10,9 @@ save of a run measures every candidate on a sample of each kind, with TensorStor
   is smaller. Each piece is encoded as its own chunk, as a shard is on disk.
 - Choice: the smallest encoded size; ties go to the earlier of CANDIDATES (the faster). Sizes are
   deterministic, so the choice is the same for the same data. With `checkpoint.codec_time_budget` > 0
-  a candidate must also fit: its measured encode time beyond `none`'s, scaled from the sample to the kind's
-  bytes, within the kind's share (by bytes) of the budget; timings vary, so a budget makes the choice
-  depend on the machine's load near its edge.
+  a compressor must also fit: its measured encode time (one thread), scaled from the sample to the kind's
+  bytes, within the kind's share (by bytes) of the budget; `none` always fits. Timings vary, so a budget
+  makes the choice depend on the machine's load near its edge.
 - Several processes: every process must write the codec chain that process 0's zarr.json records, so
   process 0's choice is broadcast to all.
 """
@@ -120,7 +120,7 @@ def choose(tree: Any, level: int, time_budget: float) -> tuple[CodecPlan, dict[s
         allowed = time_budget * kind_bytes[kind] / total
 
         def fits(c: str) -> bool:
-            return time_budget <= 0 or c == "none" or (measured[c][1] - measured["none"][1]) * scale <= allowed
+            return time_budget <= 0 or c == "none" or measured[c][1] * scale <= allowed
 
         by_kind[kind] = min((c for c in CANDIDATES if fits(c)), key=lambda c: (measured[c][0], CANDIDATES.index(c)))
         report[kind] = {"codec": by_kind[kind], "sample_bytes": raw,

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from picotron_jax.checkpoint.codecs import array_kind
@@ -73,7 +74,6 @@ def _nonneg(name: str) -> bool:
     return array_kind(name) == "second_moment"
 
 
-@functools.partial(jax.jit, static_argnames=("nonneg",))
 def _int8_encode(x: jax.Array, nonneg: bool) -> dict[str, jax.Array]:
     lead, nb, b = layout(x.shape)
     row = math.prod(x.shape[lead:])
@@ -87,7 +87,6 @@ def _int8_encode(x: jax.Array, nonneg: bool) -> dict[str, jax.Array]:
     return {"q": q.reshape(*x.shape[:lead], nb * b)[..., :row].reshape(x.shape), "scale": scale}
 
 
-@functools.partial(jax.jit, static_argnames=("nonneg", "dtype"))
 def _int8_decode(q: jax.Array, scale: jax.Array, nonneg: bool, dtype: Any) -> jax.Array:
     lead, nb, b = layout(q.shape)
     row = math.prod(q.shape[lead:])
@@ -97,30 +96,41 @@ def _int8_decode(q: jax.Array, scale: jax.Array, nonneg: bool, dtype: Any) -> ja
     return (v * v if nonneg else v).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _cast(x: jax.Array, dtype: Any) -> jax.Array:
-    return x.astype(dtype)
+@functools.partial(jax.jit, static_argnames=("how",))
+def _encode_all(xs: list, how: tuple) -> list:
+    """One program for every lossy leaf (one compilation per state layout); how[i] = (mode, nonneg)."""
+    return [x.astype(jnp.bfloat16) if mode == "bf16" else _int8_encode(x, nonneg) for x, (mode, nonneg) in zip(xs, how)]
+
+
+@functools.partial(jax.jit, static_argnames=("how",))
+def _decode_all(stored: list, how: tuple) -> list:
+    """how[i] = (mode, nonneg, dtype name)."""
+    return [s.astype(dtype) if mode == "bf16" else _int8_decode(s["q"], s["scale"], nonneg, jnp.dtype(dtype))
+            for s, (mode, nonneg, dtype) in zip(stored, how)]
 
 
 def _name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _lossy_leaves(tree: Any, quant: dict | None) -> tuple[list, list, Any]:
+    """(paths, modes) of the leaves stored lossy, and the tree's flattening."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    picked = [(i, mode_for(_name(p), x.shape, x.dtype, quant)) for i, (p, x) in enumerate(flat)]
+    return [(i, m) for i, m in picked if m != "none"], flat, treedef
+
+
 def encode(tree: Any, quant: dict | None) -> Any:
     """The stored form of a train-state tree: lossy leaves become bf16 arrays or {'q', 'scale'} pairs."""
     if not is_lossy(quant):
         return tree
-
-    def one(path, x):
-        name = _name(path)
-        mode = mode_for(name, x.shape, x.dtype, quant)
-        if mode == "bf16":
-            return _cast(x, jnp.bfloat16)
-        if mode == "int8":
-            return _int8_encode(x, _nonneg(name))
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, tree)
+    picked, flat, treedef = _lossy_leaves(tree, quant)
+    how = tuple((m, _nonneg(_name(flat[i][0]))) for i, m in picked)
+    encoded = _encode_all([flat[i][1] for i, _ in picked], how)
+    leaves = [x for _, x in flat]
+    for (i, _), e in zip(picked, encoded):
+        leaves[i] = e
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def scale_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
@@ -156,17 +166,14 @@ def decode(stored: Any, target: Any, quant: dict | None) -> Any:
     """The train-state tree back from its stored form, in `target`'s dtypes and shardings."""
     if not is_lossy(quant):
         return stored
-
-    def one(path, t, s):
-        name = _name(path)
-        mode = mode_for(name, t.shape, t.dtype, quant)
-        if mode == "none":
-            return s
-        x = _cast(s, jnp.dtype(t.dtype)) if mode == "bf16" else _int8_decode(s["q"], s["scale"], _nonneg(name),
-                                                                            jnp.dtype(t.dtype))
-        return jax.device_put(x, t.sharding) if getattr(t, "sharding", None) is not None else x
-
-    return jax.tree_util.tree_map_with_path(one, target, stored)
+    picked, flat, treedef = _lossy_leaves(target, quant)
+    parts = treedef.flatten_up_to(stored)  # per target leaf: the stored array, or its {'q', 'scale'}
+    how = tuple((m, _nonneg(_name(flat[i][0])), jnp.dtype(flat[i][1].dtype).name) for i, m in picked)
+    decoded = _decode_all([parts[i] for i, _ in picked], how)
+    for (i, _), x in zip(picked, decoded):
+        sharding = getattr(flat[i][1], "sharding", None)
+        parts[i] = jax.device_put(x, sharding) if sharding is not None else x
+    return jax.tree_util.tree_unflatten(treedef, parts)
 
 
 def decode_host(tree: Any, quant: dict | None, prefix: str) -> Any:
@@ -179,9 +186,9 @@ def decode_host(tree: Any, quant: dict | None, prefix: str) -> Any:
     def one(path, v):
         name = f"{prefix}/{_name(path)}"
         if pair(v):
-            return jax.device_get(_int8_decode(v["q"], v["scale"], _nonneg(name), jnp.dtype(jnp.float32)))
+            return jax.device_get(_decode_all([v], (("int8", _nonneg(name), "float32"),))[0])
         if quant.get(array_kind(name)) == "bf16" and getattr(v, "dtype", None) == jnp.bfloat16:
-            return jax.device_get(_cast(v, jnp.dtype(jnp.float32)))
+            return np.asarray(v, np.float32)
         return v
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=pair)
