@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from picotron_jax.checkpoint.codecs import array_kind, chunk_bytes_by_array
+from picotron_jax.checkpoint.codecs import KINDS, array_kind, chunk_bytes_by_array
 from picotron_jax.checkpoint.metadata import human_bytes, leaf_names
 from picotron_jax.checkpoint.restore import (UnreadableCheckpoint, lossy_summary, silence_closed_loop_callbacks,
                                              read_meta, short_error, split_location)
@@ -113,7 +113,7 @@ def step_info(path: str) -> dict[str, Any]:
                                "codec": entry.get("codec"), "bytes": n_bytes,
                                "ratio": round(n_bytes / x.nbytes, 4) if n_bytes is not None and x.nbytes else None})
     info["by_kind"] = {}
-    for a in info["arrays"]:
+    for a in sorted(info["arrays"], key=lambda a: KINDS.index(a["kind"])):
         k = info["by_kind"].setdefault(a["kind"], {"codec": a["codec"], "bytes": 0, "raw_bytes": 0})
         k["bytes"] += a["bytes"] or 0
         k["raw_bytes"] += int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
