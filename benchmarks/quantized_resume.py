@@ -4,8 +4,9 @@ moments were stored as bf16 or int8 (checkpoint.quantize_optimizer), against a l
 `--from STEP_DIR` is a lossless checkpoint of a trained run at step S (its config comes from its metadata).
 Its state is saved once per mode (none, bf16, int8) into a scratch run, and each is resumed for `--steps`
 steps with the same config and data (batch i is a pure function of (seed, data, i)), one after the other
-in this process. Reported: the loss of every step, the largest and mean |loss - lossless loss|, and the
-mean difference over the last 10 steps. Losses are deterministic, so one run per mode suffices.
+in this process. As a yardstick, a fourth run resumes with both moments zeroed (what losing the optimizer
+state costs). Reported: the loss of every step, the largest and mean |loss - lossless loss|, and the mean
+difference over the last 10 steps. Losses are deterministic, so one run per mode suffices.
 
     PYTHONPATH=. python benchmarks/quantized_resume.py --from RUN/checkpoints/150 --steps 100 --json out.json
 """
@@ -17,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from picotron_jax.checkpoint.manager import Checkpointer
@@ -25,7 +27,7 @@ from picotron_jax.config import config_from_dict
 from picotron_jax.run import build_run
 from picotron_jax.trainer import Trainer
 
-MODES = ("none", "bf16", "int8")
+MODES = ("none", "bf16", "int8", "zeroed moments")
 
 
 def main() -> None:
@@ -43,12 +45,15 @@ def main() -> None:
     start = int(state.step)
     losses, sizes = {}, {}
     for mode in MODES:
-        cfg = base.replace(checkpoint={"quantize_optimizer": mode, "every": 0, "keep": 0, "async_save": False},
+        stored = "none" if mode == "zeroed moments" else mode
+        cfg = base.replace(checkpoint={"quantize_optimizer": stored, "every": 0, "keep": 0, "async_save": False},
                            logging={"every": 1, "progress": False})
-        folder = scratch / mode
+        folder = scratch / mode.replace(" ", "_")
         shutil.rmtree(folder, ignore_errors=True)
         ckpt = Checkpointer(folder / "saved", cfg, say=lambda _m: None)
-        ckpt.save(state, {"mesh": read_meta(step_dir).get("mesh")})
+        saved = state if mode != "zeroed moments" else state.replace(opt_state=jax.tree_util.tree_map_with_path(
+            lambda p, x: x * 0 if any(getattr(k, "name", None) in ("mu", "nu") for k in p) else x, state.opt_state))
+        ckpt.save(saved, {"mesh": read_meta(step_dir).get("mesh")})
         ckpt.close()
         sizes[mode] = ckpt.store.bytes_on_disk(start)
         trainer = Trainer(cfg, resume_from=str(folder / "saved"))  # no run directory: nothing written

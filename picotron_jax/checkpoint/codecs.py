@@ -1,7 +1,7 @@
 """The codec of each checkpoint array's chunks (zstd, lz4, byte-shuffled blosc or none), then a CRC32C.
 
 Why per array kind: trained fp32 weights and Adam moments compress badly byte by byte (zstd alone keeps
-0.89-0.93 of a trained state, benchmarks/README.md), because the mantissa bytes are noise and the bytes
+0.84-0.92 of a trained state, benchmarks/README.md), because the mantissa bytes are noise and the bytes
 that repeat (sign and exponent) sit 4 bytes apart. Blosc's byte shuffle regroups each block as all first
 bytes, then all second bytes, ..., so zstd or lz4 then see long runs of similar exponents; second moments
 (positive, narrow exponent range) gain most. Which codec wins depends on the data, so `checkpoint.codec=auto`
@@ -14,7 +14,8 @@ OCDBT database. Each process writes the slices of its devices that are replica 0
 written once), and each slice is one chunk: Orbax's chunk shape is the per-device shard shape, split
 further only beyond the OCDBT target file size. Each chunk goes through `bytes` -> codec -> `crc32c`
 independently, so a codec sees one shard at a time: tensor parallelism or ZeRO makes chunks smaller, and
-blosc works in blocks of BLOSC_BLOCK_BYTES inside a chunk (a larger block helps the shuffle: measured).
+blosc works in blocks of BLOSC_BLOCK_BYTES inside a chunk (a larger block helps the shuffle, and small
+chunks compress worse: both measured in benchmarks/README.md).
 Every codec is a standard zarr3 codec recorded in each array's zarr.json, so plain Orbax or TensorStore
 reads any checkpoint without picotron_jax; TensorStore verifies each chunk's CRC32C on read.
 
