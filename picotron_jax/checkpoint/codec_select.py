@@ -34,6 +34,12 @@ SAMPLE_BYTES = 8 << 20  # per kind
 SAMPLE_PIECE_BYTES = 1 << 20
 
 
+def plain(x: Any) -> Any:
+    """A typed PRNG key array as its key data (what Orbax writes for it); anything else as it is."""
+    dtype = getattr(x, "dtype", None)
+    return jax.random.key_data(x) if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else x
+
+
 def local_flat(x: Any) -> np.ndarray:
     """The first replica-0 shard this process holds (all of a host array), flattened on the host."""
     shards = getattr(x, "addressable_shards", None)
@@ -56,7 +62,7 @@ def sample_by_kind(tree: Any) -> dict[str, list[np.ndarray]]:
     """The sample of each kind present in `tree`, deterministic for the same shapes and values."""
     arrays: dict[str, list[tuple[str, Any]]] = {}
     for name, x in zip(leaf_names(tree), jax.tree.leaves(tree)):
-        arrays.setdefault(array_kind(name), []).append((name, x))
+        arrays.setdefault(array_kind(name), []).append((name, plain(x)))
     out: dict[str, list[np.ndarray]] = {}
     for kind, items in arrays.items():
         sizes = [local_flat_nbytes(x) for _, x in items]
@@ -106,7 +112,7 @@ def choose(tree: Any, level: int, time_budget: float) -> tuple[CodecPlan, dict[s
     samples = sample_by_kind(tree)
     kind_bytes = {k: 0 for k in KINDS}
     for name, x in zip(leaf_names(tree), jax.tree.leaves(tree)):
-        kind_bytes[array_kind(name)] += local_flat_nbytes(x)
+        kind_bytes[array_kind(name)] += local_flat_nbytes(plain(x))
     total = sum(kind_bytes.values()) or 1
     report: dict[str, Any] = {}
     by_kind: dict[str, str] = {}
