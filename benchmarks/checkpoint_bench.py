@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out", help="also write the result here")
     args = parser.parse_args()
 
-    cfg = load_config(ROOT / "meshes" / "bench-32m.yaml", ["checkpoint.every=1"])
+    cfg = load_config(ROOT / "meshes" / "bench-32m.yaml", ["checkpoint.every=1", "checkpoint.codec=zstd"])
     run = build_run(cfg)
     from picotron_jax.train.state import init_train_state
 

@@ -124,6 +124,10 @@ class DataConfig:
     cache_dir: str = ""  # "" -> ~/.cache/picotron_jax/tokens
 
 
+CHECKPOINT_CODECS = ("auto", "zstd", "lz4", "blosc-zstd", "blosc-lz4", "none")  # checkpoint/codecs.py
+CHECKPOINT_QUANTIZE = ("none", "bf16", "int8")  # checkpoint/quantize.py
+
+
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # "" -> RUN_DIR/checkpoints
@@ -131,7 +135,12 @@ class CheckpointConfig:
     keep: int = 3  # newest checkpoints kept; 0 = all
     keep_every: int = 0  # steps: checkpoints at multiples of this are kept for good; 0 = none
     async_save: bool = True  # write in a background thread while training continues
-    compression_level: int = 3  # zstd level of array chunks (1-22); 0 = uncompressed
+    compression_level: int = 3  # level of the codec (zstd's 1-22; blosc gets the matching 1-9); 0 = uncompressed
+    codec: str = "auto"  # auto (measured per array kind at the first save) | zstd | lz4 | blosc-zstd | blosc-lz4 | none
+    codec_time_budget: float = 0.0  # auto: seconds encoding one save may take (estimated, one thread); 0 = no limit
+    quantize_optimizer: str = "none"  # none | bf16 | int8 (block-wise absmax): Adam moments stored lossy, restored fp32
+    quantize_params: str = "none"  # none | bf16 | int8: parameters stored lossy (never unless set here)
+    require_lossless: bool = False  # refuse lossy storage and lossy checkpoints (bitwise-resume tests set it)
 
 
 @dataclass

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 
 from picotron_jax.config import (
+    CHECKPOINT_CODECS,
+    CHECKPOINT_QUANTIZE,
     FAULT_PHASES,
     NAN_SITES,
     SPIKE_KINDS,
@@ -16,6 +18,7 @@ from picotron_jax.config import (
     MATMUL_PRECISIONS,
     PIPELINE_SCHEDULES,
     PRECISION_MODES,
+    CheckpointConfig,
     Config,
     DistributedConfig,
     MemoryConfig,
@@ -115,6 +118,21 @@ def validate_precision(p: PrecisionConfig) -> None:
     _need(p.promote_after >= 0, f"config field 'precision.promote_after' = {p.promote_after}: must be >= 0 (0 = never)")
 
 
+def validate_checkpoint_codecs(c: CheckpointConfig) -> None:
+    """The codec and quantisation of checkpoints (checkpoint/codecs.py, checkpoint/quantize.py)."""
+    _need(c.codec in CHECKPOINT_CODECS, f"config field 'checkpoint.codec' = {c.codec!r}: valid values are "
+                                        f"{', '.join(repr(x) for x in CHECKPOINT_CODECS)}")
+    _need(c.codec_time_budget >= 0, f"config field 'checkpoint.codec_time_budget' = {c.codec_time_budget}: must be "
+                                    f">= 0 seconds (0 = no limit)")
+    for name in ("quantize_optimizer", "quantize_params"):
+        value = getattr(c, name)
+        _need(value in CHECKPOINT_QUANTIZE, f"config field 'checkpoint.{name}' = {value!r}: valid values are "
+                                            f"{', '.join(repr(x) for x in CHECKPOINT_QUANTIZE)}")
+        _need(value == "none" or not c.require_lossless,
+              f"config field 'checkpoint.{name}' = {value!r} stores the state lossy, but checkpoint.require_lossless "
+              f"is set (a resume must be bitwise): use checkpoint.{name}=none, or drop checkpoint.require_lossless")
+
+
 def validate_memory(m: MemoryConfig, num_layers: int) -> None:
     segments = parse_remat(m.remat, num_layers)
     names = [x.strip() for x in m.remat_names.split(",") if x.strip()]
@@ -164,6 +182,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
           f"checkpoint.every = {c.every}")
     _need(0 <= c.compression_level <= 22, f"config field 'checkpoint.compression_level' = {c.compression_level}: "
                                           f"must be a zstd level 1-22, or 0 (uncompressed)")
+    validate_checkpoint_codecs(c)
     _need(t.stop_at_step >= 0, f"config field 'train.stop_at_step' = {t.stop_at_step}: must be >= 0 (0 = off)")
     _need(cfg.logging.every >= 1, f"config field 'logging.every' = {cfg.logging.every}: must be >= 1")
     _need(cfg.bench.steps >= 1, f"config field 'bench.steps' = {cfg.bench.steps}: must be >= 1")

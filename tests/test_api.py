@@ -78,7 +78,8 @@ def test_k_steps_then_k_more_equals_2k_steps_bitwise_and_step_rows_equal_the_cli
 
 
 def test_restore_after_the_cli_stop_at_step_continues_bitwise(tmp_path):
-    common = ["--config", str(MESHES / "single.yaml"), *TINY, "train.steps=6", "logging.every=1"]
+    common = ["--config", str(MESHES / "single.yaml"), *TINY, "train.steps=6", "logging.every=1",
+              "checkpoint.require_lossless=true"]
     assert main(["train", "--run-dir", str(tmp_path / "stopped"), *common, "train.stop_at_step=3"]) == 0
     assert main(["train", "--run-dir", str(tmp_path / "straight"), *common, "checkpoint.every=6"]) == 0
     with pj.Trainer.restore(tmp_path / "stopped") as trainer:

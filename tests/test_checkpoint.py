@@ -41,7 +41,8 @@ def damage(step_dir: Path) -> None:
 
 
 SCHEDULE = ["train.seq_len=32", "logging.every=1", "optimizer.warmup_steps=2", "optimizer.decay_steps=4",
-            "train.steps=6", "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.keep_every=4"]
+            "train.steps=6", "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.keep_every=4",
+            "checkpoint.require_lossless=true"]
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +170,13 @@ def test_compression_level_is_configurable_and_restores_the_same(small_state, tm
     cfg, st, state = small_state
     sizes = {}
     for level in (0, 1, 19):
-        save_steps(cfg, state, tmp_path / str(level), [1], compression_level=level, async_save=True)
+        save_steps(cfg, state, tmp_path / str(level), [1], compression_level=level, async_save=True, codec="zstd")
         assert zstd_levels(tmp_path / str(level) / "1") == {level}
         sizes[level] = list_steps(str(tmp_path / str(level)))[0]["bytes_on_disk"]
         restored, meta, _ = restore_train_state(str(tmp_path / str(level)), st.abstract, st.shardings, cfg)
         assert_same_state(restored, state.replace(step=state.step + 1))
-        assert meta["compression"] == ({"codec": "zstd", "level": level} if level else {"codec": "none"})
+        assert {k: meta["compression"][k] for k in ("codec", "level")} == {"codec": "zstd" if level else "none",
+                                                                          "level": level}
     raw = meta["raw_bytes"]
     # fresh Adam moments are zeros: they compress well; random weights barely (any level)
     assert max(sizes[1], sizes[19]) < 0.5 * sizes[0] and sizes[0] >= raw
@@ -182,7 +184,7 @@ def test_compression_level_is_configurable_and_restores_the_same(small_state, tm
 
 def test_clear_errors_for_unknown_step_empty_folder_and_another_model(small_state, tmp_path, capsys):
     cfg, st, state = small_state
-    save_steps(cfg, state, tmp_path / "ck", [1, 2], compression_level=3, async_save=True)
+    save_steps(cfg, state, tmp_path / "ck", [1, 2], compression_level=3, async_save=True, codec="zstd")
     with pytest.raises(UserError, match=r"no checkpoint at step 7 in .*ck \(steps there: 1, 2\)"):
         restore_train_state(str(tmp_path / "ck" / "7"), st.abstract, st.shardings, cfg)
     with pytest.raises(UserError, match="no checkpoint in .*empty"):

@@ -28,7 +28,7 @@ STEPS = 12
 TINY = ["--config", str(MESHES / "single.yaml"), "model.hidden_size=32", "model.intermediate_size=64",
         "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "train.seq_len=16", "train.global_batch=4",
         f"train.steps={STEPS}", "optimizer.warmup_steps=2", "logging.every=1", "logging.progress=false",
-        "checkpoint.every=2", "checkpoint.keep=1"]
+        "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.require_lossless=true"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu",
        "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 

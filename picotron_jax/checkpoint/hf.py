@@ -170,7 +170,9 @@ def train_state_from_hf(path: str, cfg: Config, setup: Any) -> Any:
 
 
 def load_checkpoint_params(step_dir: Any) -> tuple[dict, Config]:
-    """Parameters of one checkpoint step as host numpy arrays, and the run's config (no mesh needed)."""
+    """Parameters of one checkpoint step as host numpy arrays, and the run's config (no mesh needed); parameters
+    stored lossy (checkpoint.quantize_params) come back as float32."""
+    from picotron_jax.checkpoint.quantize import decode_host
     from picotron_jax.checkpoint.restore import read_meta
 
     meta = read_meta(step_dir)
@@ -180,7 +182,7 @@ def load_checkpoint_params(step_dir: Any) -> tuple[dict, Config]:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-    return restored["params"], config_from_dict(meta["config"])
+    return decode_host(restored["params"], meta.get("quantization"), "params"), config_from_dict(meta["config"])
 
 
 def export_to_hf(step_dir: Any, out: Path, dtype: str = "float32") -> Path:

@@ -10,8 +10,10 @@ Layout on disk (readable with `orbax.checkpoint` alone):
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every file is written, so
 a half-written step is never listed; leftovers of a killed save are removed when the next run opens
 the folder. Old steps are deleted only after a newer one is complete. With `checkpoint.async_save`
-the loop is blocked only while the arrays are copied to host memory; the write (zstd, and a CRC32C
-per chunk: codecs.py) runs in a background thread, and the next save (or the end of the run) waits for it.
+the loop is blocked only while the arrays are copied to host memory; the write (each array kind's codec,
+and a CRC32C per chunk: codecs.py) runs in a background thread, and the next save (or the end of the run)
+waits for it. With `checkpoint.codec=auto` the first save also measures the candidate codecs on a sample
+(codec_select.py); lossy storage of moments or parameters, when asked, is quantize.py.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from picotron_jax.checkpoint import codec_select, codecs, quantize
 from picotron_jax.checkpoint import metadata as meta_lib
-from picotron_jax.checkpoint.codecs import use_chunk_codecs
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
 
@@ -38,7 +40,7 @@ def state_tree(state: Any) -> dict[str, Any]:
 
 
 def item_handlers(compression_level: int) -> dict[str, Any]:
-    use_chunk_codecs(compression_level)
+    codecs.install_orbax_hook()  # the chain of each array comes from the folder's CodecPlan (codecs.py)
     return {
         "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=compression_level > 0),
         "meta": ocp.JsonCheckpointHandler(),
@@ -64,6 +66,10 @@ class Checkpointer:
         self._say = say
         self._log_path = log_path
         self._pending: list[dict] = []  # saves whose background write may still run
+        self._plan = codecs.fixed_plan(cfg.checkpoint)  # None: `auto`, measured at the first save
+        self._selection: dict | None = None
+        if self._plan is not None:
+            codecs.register(self.store.local_root, self._plan)
         if jax.process_index() == 0:
             for leftover in self.store.unfinished():
                 say(f"checkpoint: removing {leftover} (a save that never completed)")
@@ -88,15 +94,25 @@ class Checkpointer:
         self._finish_pending()  # Orbax waits for the previous write anyway: account for it here
         waited = time.perf_counter() - t0
         tree = state_tree(state)
-        meta = meta_lib.build(step, self.cfg, tree, extra_meta)
-        use_chunk_codecs(self.cfg.checkpoint.compression_level)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree),
+        c = self.cfg.checkpoint
+        quantization = quantize.describe(c)
+        stored = quantize.encode(tree, quantization)
+        selected_now = self._plan is None
+        if selected_now:
+            self._plan, self._selection = codec_select.choose(stored, c.compression_level, c.codec_time_budget)
+            codecs.register(self.store.local_root, self._plan)
+        compression = meta_lib.compression_entry(c.codec, self._plan, stored, self._selection)
+        meta = meta_lib.build(step, self.cfg, tree, extra_meta, stored, compression, quantization)
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(stored),
                                                          meta=ocp.args.JsonSave(meta)))
         if not self.cfg.checkpoint.async_save:
             self._manager.wait_until_finished()
         blocked = time.perf_counter() - t0
         event = {"step": step, "async": self.cfg.checkpoint.async_save, "blocked_s": round(blocked, 4),
-                 "waited_for_previous_s": round(waited, 4), "raw_bytes": meta["raw_bytes"], "t_start": t0}
+                 "waited_for_previous_s": round(waited, 4), "raw_bytes": meta["raw_bytes"],
+                 "codecs": dict(self._plan.by_kind), "lossy": meta["lossy"], "t_start": t0}
+        if selected_now:
+            event["codec_selection_s"] = self._selection["seconds"]
         self._pending.append(event)
         if not self.cfg.checkpoint.async_save:
             self._finish_pending()
@@ -112,6 +128,8 @@ class Checkpointer:
             started = event.pop("t_start")
             if not event["async"]:  # an async write is only seen complete at the next save or the end
                 event["written_s"] = round(done - started, 4)
+            if self.store.is_local and jax.process_index() == 0:
+                event["bytes_by_kind"] = meta_lib.record_array_bytes(Path(self.store.local_root) / str(event["step"]))
             self.store.publish(event["step"], self._manager.all_steps())
             on_disk = self.store.bytes_on_disk(event["step"])
             event["bytes_on_disk"] = on_disk
@@ -139,3 +157,5 @@ class Checkpointer:
             self._finish_pending()
         finally:
             self._manager.close()
+            if self._plan is not None:
+                codecs.unregister(self.store.local_root, self._plan)

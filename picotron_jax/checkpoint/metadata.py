@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import os
 import subprocess
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import jax
 
+from picotron_jax.checkpoint.codecs import array_kind, chunk_bytes_by_array
 from picotron_jax.config import Config
 from picotron_jax.observe import metrics as observe_metrics
 
@@ -54,9 +57,14 @@ def raw_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
-def build(step: int, cfg: Config, tree: Any, extra: dict) -> dict[str, Any]:
+def build(step: int, cfg: Config, tree: Any, extra: dict, stored: Any = None,
+          compression: dict | None = None, quantization: dict | None = None) -> dict[str, Any]:
+    """The step's metadata. `tree`: the train state as {field: subtree}; `stored`: the form written (lossy leaves
+    quantised, quantize.py; default `tree`); `compression`: codecs chosen (compression_entry);
+    `quantization`: quantize.describe."""
     if not _STATIC:
         _STATIC.update(git_revision=_git_revision(), versions=_versions())
+    stored = tree if stored is None else stored
     level = cfg.checkpoint.compression_level
     return {
         "step": step,
@@ -66,12 +74,56 @@ def build(step: int, cfg: Config, tree: Any, extra: dict) -> dict[str, Any]:
         "process_count": jax.process_count(),
         **_STATIC,
         "raw_bytes": raw_bytes(tree),
-        "compression": {"codec": "zstd", "level": level} if level > 0 else {"codec": "none"},
+        "stored_raw_bytes": raw_bytes(stored),
+        "compression": compression or ({"codec": "zstd", "level": level} if level > 0 else {"codec": "none"}),
+        "quantization": quantization or {"lossy": False},
+        "lossy": bool(quantization and quantization.get("lossy")),
         "checksum": "crc32c per chunk",
         "fields": sorted(tree),
-        "arrays": leaf_names(tree),
+        "arrays": leaf_names(stored),
         "config": cfg.to_dict(),
     }
+
+
+def compression_entry(codec: str, plan: Any, stored: Any, selection: dict | None) -> dict[str, Any]:
+    """`compression` of the metadata: the configured codec, its level, the codec of each kind and of each array
+    (with its raw bytes; its bytes on disk are added once written: record_array_bytes), what `auto` measured."""
+    arrays = {}
+    for name, x in zip(leaf_names(stored), jax.tree.leaves(stored)):
+        kind = array_kind(name)
+        arrays[name] = {"kind": kind, "codec": plan.by_kind[kind] if plan.level > 0 else "none",
+                        "raw_bytes": math.prod(x.shape) * x.dtype.itemsize}
+    entry = {"codec": codec if plan.level > 0 else "none", "level": plan.level, "kinds": dict(plan.by_kind),
+             "arrays": arrays}
+    if selection is not None:
+        entry["selection"] = selection
+    return entry
+
+
+def record_array_bytes(step_dir: Path) -> dict | None:
+    """Once a step is written: each array's bytes on disk and ratio into its metadata (replaced atomically; a
+    process killed before this leaves the metadata as it was). Returns bytes and raw bytes per kind."""
+    meta_file = step_dir / "meta" / "metadata"
+    if not meta_file.is_file():  # already pruned by the keep policy
+        return None
+    meta = json.loads(meta_file.read_text())
+    arrays = meta.get("compression", {}).get("arrays")
+    if not arrays:
+        return None
+    on_disk = chunk_bytes_by_array(step_dir / "state")
+    kinds: dict[str, dict[str, int]] = {}
+    for name, entry in arrays.items():
+        n = on_disk.get(name.replace("/", "."), 0)
+        entry["bytes"] = n
+        entry["ratio"] = round(n / entry["raw_bytes"], 4) if entry["raw_bytes"] else None
+        k = kinds.setdefault(entry["kind"], {"bytes": 0, "raw_bytes": 0})
+        k["bytes"] += n
+        k["raw_bytes"] += entry["raw_bytes"]
+    meta["compression"]["by_kind_bytes"] = kinds
+    tmp = meta_file.with_name(meta_file.name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_file)
+    return kinds
 
 
 def model_differences(saved: dict, cfg: Config) -> list[str]:

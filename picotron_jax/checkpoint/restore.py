@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from picotron_jax.checkpoint import quantize
 from picotron_jax.checkpoint.manager import state_tree
 from picotron_jax.checkpoint.metadata import array_differences, leaf_names, model_differences
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
@@ -84,8 +85,13 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
     if differences:
         raise UserError(f"checkpoint {step_dir} was saved with another model: {'; '.join(differences)}. Resume "
                         f"with the checkpoint's model settings, or start a new run without --resume")
+    quantization = meta.get("quantization")
+    if quantize.is_lossy(quantization) and cfg.checkpoint.require_lossless:
+        raise UserError(f"checkpoint {step_dir} stores part of the state lossy ({lossy_summary(quantization)}), but "
+                        f"checkpoint.require_lossless is set: resume from a lossless checkpoint, or drop the flag")
     target = _target(abstract, shardings)
-    mismatch = array_differences(meta, leaf_names(target))
+    stored_target = quantize.stored_target(target, quantization)
+    mismatch = array_differences(meta, leaf_names(stored_target))
     if mismatch:
         raise UserError(f"checkpoint {step_dir} holds other arrays than this run's train state "
                         f"({'; '.join(mismatch)}): it was written with other settings (e.g. precision.mode fp16 adds a loss scale, "
@@ -97,11 +103,17 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+                item=stored_target, restore_args=ocp.checkpoint_utils.construct_restore_args(stored_target)))
     except Exception as exc:  # noqa: BLE001 - TensorStore/Orbax raise many types for damaged files
         silence_closed_loop_callbacks()
         raise UnreadableCheckpoint(f"its arrays cannot be read ({short_error(exc)})") from None
-    return type(abstract)(**tree), meta
+    return type(abstract)(**quantize.decode(tree, target, quantization)), meta
+
+
+def lossy_summary(quantization: dict) -> str:
+    """'first_moment int8, second_moment int8' for the kinds stored lossy."""
+    return ", ".join(f"{k} {quantization[k]}" for k in ("params", "first_moment", "second_moment")
+                     if quantization.get(k, "none") != "none")
 
 
 def restore_train_state(location: str, abstract: Any, shardings: Any, cfg: Config,
