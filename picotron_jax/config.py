@@ -18,269 +18,36 @@ import yaml
 
 from picotron_jax.errors import UserError
 
-MESH_AXES = ("pipe", "data", "context", "expert", "tensor")
+from picotron_jax.config_sections import (  # noqa: F401  (re-exported: callers import sections from config)
+    MESH_AXES,
+    ModelConfig,
+    MoEConfig,
+    MeshConfig,
+    TrainConfig,
+    PIPELINE_SCHEDULES,
+    PipelineConfig,
+    OptimizerConfig,
+    DataConfig,
+    CHECKPOINT_CODECS,
+    CHECKPOINT_QUANTIZE,
+    CheckpointConfig,
+    LoggingConfig,
+    EvalConfig,
+    GenerateConfig,
+    FAULT_PHASES,
+    NAN_SITES,
+    SPIKE_KINDS,
+    FaultsConfig,
+    ProfileConfig,
+    BenchConfig,
+    PRECISION_MODES,
+    MATMUL_PRECISIONS,
+    PrecisionConfig,
+    MemoryConfig,
+    CLUSTERS,
+    DistributedConfig,
+)
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 256
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 0  # 0 -> hidden_size // num_heads
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    scan_unroll: int = 1  # layers per scan iteration: faster on CPU, longer compile
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_heads
-
-
-@dataclass
-class MoEConfig:
-    """Mixture-of-Experts feed-forward layers (models/moe.py); num_experts = 0 keeps the model dense."""
-
-    num_experts: int = 0  # E; 0 = dense model
-    top_k: int = 2  # experts per token
-    expert_size: int = 0  # MLP width of each expert; 0 -> model.intermediate_size
-    score: str = "softmax"  # router scores: softmax (Switch/GShard) | sigmoid (DeepSeek-V3)
-    normalize_top_k: bool = True  # rescale the k chosen weights to sum to 1
-    shared_experts: int = 0  # always-on experts of expert_size each (DeepSeek), as one wider SwiGLU
-    dispatch: str = "capacity"  # capacity (fixed buffers, overflow dropped) | dropless (sorted + ragged_dot)
-    capacity_factor: float = 1.25  # capacity per expert per sequence = ceil(seq_len * top_k / E * factor)
-    first_dense_layers: int = 0  # the first N layers keep the dense MLP
-    every_n_layers: int = 1  # after those, layers first_dense_layers + i*N are MoE, the others dense
-    aux_loss: float = 0.01  # Switch load-balancing loss coefficient; 0 = off
-    router_z_loss: float = 0.0  # router z-loss coefficient (ST-MoE); 0 = off
-    bias_update_rate: float = 0.0  # aux-loss-free balancing bias step (DeepSeek-V3); 0 = off
-
-    @property
-    def enabled(self) -> bool:
-        return self.num_experts > 0
-
-
-@dataclass
-class MeshConfig:
-    pipe: int = 1
-    data: int = -1
-    context: int = 1
-    expert: int = 1
-    tensor: int = 1
-    num_devices: int = 0  # 0 -> all visible devices; N -> the first N
-
-    def axis_sizes(self) -> dict[str, int]:
-        return {a: getattr(self, a) for a in MESH_AXES}
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 200
-    seed: int = 0
-    seq_len: int = 128
-    global_batch: int = 16  # sequences per optimizer step
-    grad_accum: int = 1  # microbatches per step (scanned)
-    zero_stage: int = 0  # 0 = plain DP, 1 = optimizer state sharded, 3 = parameters too (FSDP)
-    z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM)
-    dtype: str = "float32"  # parameter and compute dtype
-    context_zigzag: bool = True  # mesh.context > 1: device i holds sequence chunks i and 2c-1-i (balanced causal work)
-    stop_at_step: int = 0  # save and exit cleanly after this step (a time-limited job); 0 = off
-
-
-PIPELINE_SCHEDULES = ("none", "afab", "1f1b", "interleaved")
-
-
-@dataclass
-class PipelineConfig:
-    """Pipeline parallelism over mesh.pipe (parallel/pipeline.py); `picotron-jax pipeline-schedule` prints it."""
-
-    schedule: str = "none"  # none (mesh.pipe = 1) | afab | 1f1b | interleaved
-    microbatches: int = 4  # m: microbatches per step flowing through the pipe
-    virtual_stages: int = 2  # v: layer chunks per pipe rank, for schedule interleaved
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    decay_steps: int = 0  # 0 -> train.steps - warmup_steps
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-
-
-@dataclass
-class DataConfig:
-    source: str = "stdlib"  # "stdlib" | text file | folder of text files | .jsonl | .parquet
-    text_field: str = "text"  # field holding the text in .jsonl / .parquet rows
-    tokenizer: str = "byte"  # "byte" | path to a Hugging Face tokenizer.json
-    cache_dir: str = ""  # "" -> ~/.cache/picotron_jax/tokens
-
-
-CHECKPOINT_CODECS = ("auto", "zstd", "lz4", "blosc-zstd", "blosc-lz4", "none")  # checkpoint/codecs.py
-CHECKPOINT_QUANTIZE = ("none", "bf16", "int8")  # checkpoint/quantize.py
-
-
-@dataclass
-class CheckpointConfig:
-    dir: str = ""  # "" -> RUN_DIR/checkpoints
-    every: int = 0  # steps between saves (and one at the end); 0 = never
-    keep: int = 3  # newest checkpoints kept; 0 = all
-    keep_every: int = 0  # steps: checkpoints at multiples of this are kept for good; 0 = none
-    async_save: bool = True  # write in a background thread while training continues
-    compression_level: int = 3  # level of the codec (zstd's 1-22; blosc gets the matching 1-9); 0 = uncompressed
-    codec: str = "auto"  # auto (measured per array kind at the first save) | zstd | lz4 | blosc-zstd | blosc-lz4 | none
-    codec_time_budget: float = 0.0  # auto: seconds encoding one save may take (estimated, one thread); 0 = no limit
-    quantize_optimizer: str = "none"  # none | bf16 | int8 (block-wise absmax): Adam moments stored lossy, restored fp32
-    quantize_params: str = "none"  # none | bf16 | int8: parameters stored lossy (never unless set here)
-    require_lossless: bool = False  # refuse lossy storage and lossy checkpoints (bitwise-resume tests set it)
-
-
-@dataclass
-class LoggingConfig:
-    every: int = 10  # steps between log lines / metrics rows
-    run_dir: str = "runs/latest"
-    progress: bool = True  # progress bar on a terminal (and in Jupyter)
-    peak_flops: float = 0.0  # whole-run peak FLOP/s for MFU; 0 -> device table or measured CPU peak
-    # extra loop callbacks (picotron_jax/callbacks.py): registered names or "package.module:Class"
-    callbacks: list[str] = field(default_factory=list)
-
-
-@dataclass
-class EvalConfig:
-    """Validation loss on a held-out tail of the corpus (picotron_jax/train/evaluate.py); off when both
-    `tokens` and `fraction` are 0. The held-out windows never appear in a training batch."""
-
-    tokens: int = 0  # held-out tokens (whole windows of train.seq_len); 0 -> eval.fraction
-    fraction: float = 0.0  # share of the corpus's windows held out, when eval.tokens = 0
-    every: int = 0  # steps between evaluations (and one at the end of a run); 0 = at the end only
-    batch: int = 0  # sequences per evaluation batch; 0 -> train.global_batch
-
-    @property
-    def enabled(self) -> bool:
-        return self.tokens > 0 or self.fraction > 0
-
-
-@dataclass
-class GenerateConfig:
-    """Sampling defaults of `picotron-jax generate` / `Trainer.generate` (picotron_jax/generate.py)."""
-
-    prompt: str = ""  # printed with its continuation at the end of a training run; "" = no sample
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy (deterministic)
-    top_k: int = 0  # sample from the k most likely tokens; 0 = all
-    seed: int = 0
-
-
-FAULT_PHASES = ("step", "data", "device")
-NAN_SITES = ("forward", "gradient")
-SPIKE_KINDS = ("noise", "lr")
-
-
-@dataclass
-class FaultsConfig:
-    """Deliberate faults, to rehearse detectors and alerts (picotron_jax/faults.py, train/faults.py).
-
-    Off by default; steps are 1-based (the k-th optimizer step). Every injection is logged."""
-
-    nan_step: int = 0  # a NaN in decoder layer nan_layer at this step (inside the jitted step); 0 = off
-    nan_layer: int = 0
-    nan_site: str = "forward"  # forward (the layer's output) | gradient (the gradient reaching its output)
-    spike_step: int = 0  # a loss spike at this step; 0 = off
-    spike_kind: str = "noise"  # noise (the batch's tokens replaced by uniform noise) | lr (the update scaled)
-    spike_lr_scale: float = 100.0  # spike_kind=lr: the update of that step is multiplied by this
-    transient: bool = False  # in-step faults fire only the first time the loop runs their step (a machine
-    #                          fault that a replay does not reproduce); false: whenever it runs (a bad batch)
-    process: int = 0  # the process the host-side faults below act on
-    sleep_step: int = 0  # sleep sleep_s seconds from this step on, for sleep_steps steps; 0 = off
-    sleep_steps: int = 1  # 0 = until the end
-    sleep_s: float = 0.0
-    sleep_phase: str = "step"  # step (before the step is dispatched) | data (in the data loader) | device (one
-    #                            device's step starts sleep_s late: its batch shard arrives late; a straggler)
-    device: int = 0  # sleep_phase=device: the device (index in the run's device list) that is late
-    moe_collapse_step: int = 0  # from this step on (>= 2) the MoE routers' weights are zero before every step, so
-    #                             every token picks experts 0..top_k-1 (a collapsed router); 0 = off
-    moe_collapse_steps: int = 0  # steps it lasts; 0 = until the end
-    hang_step: int = 0  # the process stops before this step and never continues (a hang); 0 = off
-    flip_step: int = 0  # after this step, one element of one array changes by one ulp on one device; 0 = off
-    flip_array: str = ""  # parameter path, e.g. layers.wq; "" = the first parameter
-    flip_replica: int = 1  # index along mesh.data of the device whose copy changes
-    slow_read_s: float = 0.0  # seconds added to every batch read (a slow data source)
-
-    @property
-    def in_step(self) -> bool:
-        return self.nan_step > 0 or self.spike_step > 0
-
-
-@dataclass
-class ProfileConfig:
-    """A profiling window in a training run (picotron_jax/profile): jax.profiler traces steps start_step ..
-    start_step + steps - 1 into `dir`, then the window is analysed (profile.md, profile.json)."""
-
-    start_step: int = 0  # first traced step (>= 2: step 1 compiles); 0 = off
-    steps: int = 3
-    dir: str = ""  # "" -> RUN_DIR/profile
-    analyze: bool = True  # analyse the window when it ends (bottleneck findings); false = trace only
-
-
-@dataclass
-class BenchConfig:
-    steps: int = 5
-    warmup: int = 2
-
-
-PRECISION_MODES = ("auto", "fp32", "bf16", "fp16")
-MATMUL_PRECISIONS = ("default", "high", "highest")
-
-
-@dataclass
-class PrecisionConfig:
-    """Mixed precision (train/precision.py): fp32 master weights, per-module compute dtypes."""
-
-    mode: str = "auto"  # auto (bf16 on TPU / Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    overrides: str = ""  # "pattern:dtype,...", e.g. "head:fp32,layers.w_*:bf16" (fnmatch over module names)
-    policy_file: str = ""  # per-module policy YAML written by `picotron-jax precision analyze`
-    matmul: str = "default"  # f32 matmul precision on TF32-class hardware: default | high | highest
-    loss_scale_init: float = 32768.0  # fp16: initial dynamic loss scale (2^15)
-    loss_scale_growth_interval: int = 2000  # fp16: double the scale after this many finite steps
-    promote_after: int = 3  # fp16: overflows attributed to one module before it runs in fp32; 0 = never
-
-
-@dataclass
-class MemoryConfig:
-    """Rematerialisation and device allocator (train/remat.py, picotron_jax/memory/)."""
-
-    remat: str = "none"  # none | full | dots | save_qkv | save_attn | names | offload_attn, or "full:2,none:2" per layer
-    remat_names: str = ""  # remat=names: checkpoint_name tags to keep, e.g. "wq,wk,wv,attention"
-    preallocate: bool = True  # GPU allocator: reserve memory up front (JAX's default); false = allocate on demand
-    fraction: float = 0.0  # GPU allocator: fraction of device memory to preallocate; 0 = JAX's default (0.75)
-    live_arrays: bool = True  # log the count and bytes of live device arrays each logging interval (leak check)
-
-
-CLUSTERS = ("auto", "off", "slurm", "ompi", "mpi4py", "k8s", "tpu")
-
-
-@dataclass
-class DistributedConfig:
-    """Several processes (hosts) through jax.distributed; see picotron_jax/distributed.py."""
-
-    # auto (SLURM or Open MPI with >1 task, Cloud TPU, or the fields below) | off | slurm | ompi | mpi4py | k8s | tpu
-    cluster: str = "auto"
-    coordinator: str = ""  # host:port of process 0; "" -> from the cluster
-    num_processes: int = 0  # 0 -> from the cluster
-    process_id: int = -1  # -1 -> from the cluster
-    local_device_ids: str = ""  # "0,1,2,3": accelerators of this process; "" -> JAX's choice
-    init_timeout_s: int = 300  # how long processes wait for each other at start-up
-    heartbeat_timeout_s: int = 60  # a process silent this long is declared lost; the others stop (exit 3)
-    step_timeout_s: int = 0  # no step (nor checkpoint save) finished for this long: stop (exit 3); 0 = off
-    shutdown_timeout_s: int = 60  # at the end, how long a process waits for the others to finish
 
 
 @dataclass
