@@ -28,6 +28,7 @@ from picotron_jax.config import (
     resolve_mesh_shape,
 )
 from picotron_jax.errors import UserError
+from picotron_jax.units import parse_bytes
 
 
 def _need(cond: bool, message: str) -> None:
@@ -243,6 +244,8 @@ def validate_profile(cfg: Config) -> None:
     _need(p.start_step == 0 or p.start_step + p.steps - 1 <= cfg.train.steps,
           f"config field 'profile.start_step' = {p.start_step}: the window (profile.steps = {p.steps}) must end by "
           f"train.steps = {cfg.train.steps}")
+    if p.memory_budget:
+        parse_bytes(p.memory_budget, "config field 'profile.memory_budget' =")
 
 
 def validate_eval(cfg: Config, sizes: dict[str, int]) -> None:

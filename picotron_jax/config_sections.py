@@ -218,6 +218,7 @@ class ProfileConfig:
     steps: int = 3
     dir: str = ""  # "" -> RUN_DIR/profile
     analyze: bool = True  # analyse the window when it ends (bottleneck findings); false = trace only
+    memory_budget: str = ""  # bytes per device the memory rules fit ("512MiB"); "" = the device's memory
 
 
 @dataclass

@@ -18,7 +18,8 @@ from picotron_jax.cli import main
 from picotron_jax.config import MemoryConfig
 from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
-from picotron_jax.memory.planner import candidate_space, choose, configured, parse_bytes, plan
+from picotron_jax.memory.planner import candidate_space, choose, configured, plan
+from picotron_jax.units import parse_bytes
 from picotron_jax.observe.memory import apply_allocator_settings, device_memory_stats, live_arrays_stats
 from picotron_jax.train.state import init_params, init_train_state
 from picotron_jax.train.step import build_grad_fn, build_train_step

@@ -109,7 +109,8 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 
 def _plan(cfg: Config, devices: list, args) -> dict:
     from picotron_jax.config_checks import REMAT_POLICIES
-    from picotron_jax.memory.planner import candidate_space, choose, format_plan, parse_bytes, plan
+    from picotron_jax.memory.planner import candidate_space, choose, format_plan, plan
+    from picotron_jax.units import parse_bytes
 
     if not args.budget:
         raise UserError("--plan needs --budget, e.g. --budget 16GiB")

@@ -11,7 +11,6 @@ ZeRO stage. The choice is the fastest candidate whose estimated peak fits the bu
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -21,16 +20,6 @@ from picotron_jax.errors import UserError
 from picotron_jax.memory.estimate import MemoryEstimate, estimate_memory, mib
 
 DEFAULT_REMATS = ("none", "dots", "save_attn", "save_qkv", "full")
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'16GiB' -> 17179869184; '1.5GB' -> 1500000000; '4096' -> 4096."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in UNITS:
-        raise UserError(f"--budget {text!r}: expected a size like 16GiB, 512MiB, 1.5GB or a number of bytes")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
 @dataclass

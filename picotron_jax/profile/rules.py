@@ -55,7 +55,11 @@ def find_bottlenecks(report: dict, cfg: Config, num_devices: int, devices=None) 
         found = rule(report, cfg, sizes, step, share, spare, num_devices, devices)
         if found:
             out.append(found)
-    return sorted(out, key=lambda f: -f["estimated_gain"])
+    from picotron_jax.profile.memory_rule import memory_pressure
+
+    fits = memory_pressure(report, cfg, num_devices, devices)
+    # a run over its memory budget must fit first; speed findings follow by estimated gain
+    return ([fits] if fits else []) + sorted(out, key=lambda f: -f["estimated_gain"])
 
 
 def _straggler(report, cfg, sizes, step, share, spare, n, devices):
@@ -166,7 +170,9 @@ def _remat(report, cfg, sizes, step, share, spare, n, devices):
     recompute = sum(m["recompute_s"] for m in report["modules"])
     if recompute < 0.03 * step:
         return None
-    limit = report["memory"].get("limit_bytes")
+    from picotron_jax.profile.memory_rule import memory_budget
+
+    limit = memory_budget(cfg, report)
     over = ["memory.remat=none"]
     if not _valid(cfg, over, n) or not limit:
         return None
