@@ -50,13 +50,16 @@ def kvstore_spec(location: str) -> dict[str, Any]:
 class KvLocation:
     """Read, write and list byte values under one store location (thread-safe; TensorStore is)."""
 
-    def __init__(self, location: str, *, latency_s: float = 0.0):
+    def __init__(self, location: str, *, latency_s: float = 0.0, retries: int = 8):
         import tensorstore as ts
 
         self.location = location.rstrip("/") or location
         self.latency_s = float(latency_s)  # injected per read (benchmarks of a slow store)
+        # bounded retries with backoff (TensorStore's default retries a dead endpoint for minutes)
+        backoff = {"max_retries": int(retries), "initial_delay": "0.2s", "max_delay": "4s"}
+        context = ts.Context({"s3_request_retries": backoff, "gcs_request_retries": backoff})
         try:
-            self._kv = ts.KvStore.open(kvstore_spec(self.location)).result()
+            self._kv = ts.KvStore.open(kvstore_spec(self.location), context=context).result()
         except ValueError as exc:
             raise UserError(f"data store {location!r}: cannot open it ({exc}); check the path and credentials") from None
 

@@ -50,9 +50,9 @@ class ShardInfo:
 class TokenStore:
     """An opened, complete store: its index, and verified reads of its shards."""
 
-    def __init__(self, location: str, *, latency_s: float = 0.0, kv: KvLocation | None = None):
+    def __init__(self, location: str, *, latency_s: float = 0.0, retries: int = 8, kv: KvLocation | None = None):
         self.location = location
-        self.kv = kv or KvLocation(location, latency_s=latency_s)
+        self.kv = kv or KvLocation(location, latency_s=latency_s, retries=retries)
         raw = self.kv.read(INDEX)
         if raw is None:
             partial = self.kv.read(LEDGER) is not None
