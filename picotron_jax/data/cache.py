@@ -11,8 +11,9 @@ next use is furthest ahead, and a fetched shard is not admitted at all when ever
 needed sooner (LRU with a cap below the data set's size refetches everything every epoch).
 
 A background prefetcher fetches, on a pool of threads, the shards of the next `depth` steps into a
-staging area; `depth` grows from 1 up to `prefetch_steps` with the measured time per step and per
-fetch, so once warm the step never waits for the store.
+staging area; `depth` starts at `prefetch_steps` and then follows the measured time per step and per
+fetch (the steps one fetch takes, queueing included, plus two; at most `prefetch_steps`), so once
+warm the step does not wait for the store.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ShardCache:
 
     def __init__(self, store: TokenStore, *, cache_dir: str | Path | None, disk_bytes: int, memory_bytes: int,
                  prefetch_steps: int = 0, plan: Callable[[int], np.ndarray] | None = None, horizon: int = 4096,
-                 fetch_threads: int = 4):
+                 fetch_threads: int = 16):
         self.store = store
         self.memory_bytes = int(memory_bytes)
         self.prefetch_steps = int(prefetch_steps)
@@ -61,7 +62,8 @@ class ShardCache:
         self._lock = threading.Lock()
         self._l1: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._l1_bytes = 0
-        self._staged: dict[int, np.ndarray] = {}  # prefetched, not yet read
+        self._staged: dict[int, np.ndarray] = {}  # shards the prefetch window needs (fetched or pinned)
+        self._keep: dict[int, int] = {}  # staged shard -> last step of the window that reads it
         self._inflight: dict[int, cf.Future] = {}
         self._l2: dict[int, int] = {}  # shard -> bytes on disk
         if self.dir is not None:
@@ -80,7 +82,7 @@ class ShardCache:
         self._last_step_t: float | None = None
         self._step_s = 0.0  # EMA of the time between steps
         self._fetch_s = 0.0  # EMA of one fetch from the store
-        self.depth = 1 if prefetch_steps else 0
+        self.depth = self.prefetch_steps  # the most until a step and a fetch were timed
         self.stats = {"l1_hits": 0, "prefetch_hits": 0, "l2_hits": 0, "fetches": 0, "bytes_fetched": 0,
                       "corrupt_refetched": 0, "wait_s": 0.0, "evictions": 0}
 
@@ -122,16 +124,23 @@ class ShardCache:
             self._extend_plan(step + max(self.horizon, self.prefetch_steps + 1))
             if not self.prefetch_steps or self.plan is None:
                 return
-            if self._step_s and self._fetch_s:  # steps needed to hide one round of fetches, plus one
+            if self._step_s and self._fetch_s:  # steps that one fetch (latency + queueing) takes, plus two
                 per_step = max(1, len(self.plan(step)))
-                rounds = per_step * self._fetch_s / self.fetch_threads
-                self.depth = int(min(self.prefetch_steps, max(1, math.ceil(rounds / self._step_s) + 1)))
-            wanted = []
-            for s in range(step + 1, step + 1 + self.depth):
-                wanted += [int(sh) for sh in self.plan(s)]
-            for sh in dict.fromkeys(wanted):
-                if sh not in self._l1 and sh not in self._staged and sh not in self._inflight:
-                    self._inflight[sh] = self._pool.submit(self._load, sh, True)
+                queueing = per_step * self._fetch_s / self.fetch_threads
+                ahead = math.ceil((self._fetch_s + queueing) / self._step_s) + 2
+                self.depth = int(min(self.prefetch_steps, max(1, ahead)))
+            for sh in [sh for sh, until in self._keep.items() if until < step]:  # left the window
+                del self._keep[sh]
+                self._staged.pop(sh, None)
+            for s in range(step, step + 1 + self.depth):
+                for sh in map(int, self.plan(s)):
+                    self._keep[sh] = max(self._keep.get(sh, s), s)
+                    if sh in self._staged or sh in self._inflight:
+                        continue
+                    if sh in self._l1:  # pinned for the window: L1 may evict it before it is read
+                        self._staged[sh] = self._l1[sh]
+                    elif s > step:
+                        self._inflight[sh] = self._pool.submit(self._load, sh, True)
 
     # ------------------------------------------------------------------------------ reading
 
@@ -144,7 +153,7 @@ class ShardCache:
                 self._l1.move_to_end(i)
                 self.stats["l1_hits"] += 1
                 return arr
-            arr = self._staged.pop(i, None)
+            arr = self._staged.get(i)
             if arr is not None:
                 self.stats["prefetch_hits"] += 1
                 self._remember(i, arr)
@@ -168,7 +177,6 @@ class ShardCache:
         else:
             arr = fut.result()
             with self._lock:
-                self._staged.pop(i, None)
                 self.stats["prefetch_hits"] += 1
         with self._lock:
             self.stats["wait_s"] += time.perf_counter() - t0
@@ -200,7 +208,7 @@ class ShardCache:
             self._admit(i, data)
         arr = self.store.decode(data)
         with self._lock:
-            if staged:
+            if staged and i in self._keep:
                 self._staged[i] = arr
             self._inflight.pop(i, None)
         return arr

@@ -108,7 +108,9 @@ class TokenStore:
             return np.zeros(0, np.int64)
         first = start // self.shard_tokens
         last = (stop - 1) // self.shard_tokens
-        return np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)]))
+        span = np.arange(int((last - first).max()) + 1)  # [m]
+        every = first[:, None] + span[None, :]  # [r, m]
+        return np.unique(every[every <= last[:, None]])
 
     def check_tokenizer(self, fingerprint: str, spec: str) -> None:
         """A store made with another tokenizer than the config's is refused (its ids mean other text)."""
