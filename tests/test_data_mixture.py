@@ -104,12 +104,14 @@ def test_mixture_from_a_config_override_and_logged_token_counts(stores):
     ds = open_dataset(cfg.data, SEQ, 0)
     assert isinstance(ds, MixtureDataset) and ds.names == stores[:2]
     np.testing.assert_allclose(ds.probabilities(0), [0.75, 0.25])
+    ds.batch_rows(0, 8, slice(None))
     row = {"kind": "train", "step": 10}
     DataStats().on_log(SimpleNamespace(built=SimpleNamespace(dataset=ds), cfg=SimpleNamespace(
         train=SimpleNamespace(global_batch=8))), row)
     by = ds.tokens_by_source(10, 8)
     assert row["data_tokens_0"] == by[stores[0]] and row["data_tokens_1"] == by[stores[1]]
     assert row["data_tokens_0"] + row["data_tokens_1"] == 10 * 8 * SEQ
+    assert row["data_fetches"] > 0 and row["data_bytes_fetched"] > 0 and 0 <= row["data_hit_rate"] <= 1
 
 
 @pytest.mark.parametrize("weights, match", [
