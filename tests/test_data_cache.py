@@ -199,3 +199,16 @@ def test_elastic_resume_2_to_1_to_2_processes_continues_the_exact_order(store_pa
     # the first 240 windows of epoch 0's permutation, in order: none repeated, none skipped
     ref = dataset(store_path, None, 0)
     np.testing.assert_array_equal(seen, ref.permutation(0)[: 30 * B])
+
+
+def test_a_resume_far_ahead_plans_from_the_resumed_step(store_path, tmp_path):
+    ds = dataset(store_path, tmp_path, disk_shards=4)
+    ref = dataset(store_path, None, 0)
+    ds.batch_rows(0, 4, slice(None))
+    ds.batch_rows(10_000, 4, slice(None))  # restored far ahead: the plan starts there, not at 0
+    assert ds.cache._planned == 10_000 + 250
+    ds.batch_rows(3, 4, slice(None))  # and back (a restore to an earlier checkpoint)
+    assert ds.cache._planned == 3 + 250
+    assert ds.cache.next_use(int(ref.shards_for_samples(4 * 4 + np.arange(4))[0])) <= 4
+    for k, v in ref.batch_rows(4, 4, slice(None)).items():
+        np.testing.assert_array_equal(ds.batch_rows(4, 4, slice(None))[k], v)

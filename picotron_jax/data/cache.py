@@ -120,6 +120,9 @@ class ShardCache:
                     dt = now - self._last_step_t
                     self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
                 self._last_step_t = now
+            if step < self.step or step > self._planned:  # a jump (resume, restore): plan from here
+                self._uses.clear()
+                self._planned = step
             self.step = step
             self._extend_plan(step + max(self.horizon, self.prefetch_steps + 1))
             if not self.prefetch_steps or self.plan is None:
