@@ -142,7 +142,7 @@ class ShardCache:
                         continue
                     if sh in self._l1:  # pinned for the window: L1 may evict it before it is read
                         self._staged[sh] = self._l1[sh]
-                    elif s > step:
+                    else:  # this step's too: its reads then run in parallel instead of one by one
                         self._inflight[sh] = self._pool.submit(self._load, sh, True)
 
     # ------------------------------------------------------------------------------ reading
