@@ -212,3 +212,14 @@ def test_a_resume_far_ahead_plans_from_the_resumed_step(store_path, tmp_path):
     assert ds.cache.next_use(int(ref.shards_for_samples(4 * 4 + np.arange(4))[0])) <= 4
     for k, v in ref.batch_rows(4, 4, slice(None)).items():
         np.testing.assert_array_equal(ds.batch_rows(4, 4, slice(None))[k], v)
+
+
+def test_another_share_of_the_batch_replans_and_reads_the_same_rows(store_path, tmp_path):
+    ds, ref = dataset(store_path, tmp_path, disk_shards=8), dataset(store_path, None, 0)
+    ds.batch_rows(0, 8, np.arange(4))
+    first = ds.cache
+    got = ds.batch_rows(1, 8, np.arange(4, 8))  # e.g. resumed on another process layout
+    assert ds.cache is not first and ds.cache.dir == first.dir
+    np.testing.assert_array_equal(got["inputs"], ref.batch_rows(1, 8, slice(None))["inputs"][4:])
+    assert set(ds.cache._uses) <= set(np.concatenate([ds.shards_for_samples(s * 8 + np.arange(4, 8))
+                                                       for s in range(1, 1 + 250)]).tolist())

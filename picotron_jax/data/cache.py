@@ -49,6 +49,7 @@ class ShardCache:
         self.plan = plan
         self.horizon = int(horizon)
         largest = max(store.shard_nbytes(i) for i in range(store.num_shards))
+        self.cache_dir = cache_dir
         self.dir: Path | None = None
         self.disk_bytes = int(disk_bytes)
         if cache_dir is not None and self.disk_bytes > 0:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from picotron_jax.data.kv import KvLocation
+from picotron_jax.data.kv import KvLocation, is_remote
 from picotron_jax.errors import UserError
 
 FORMAT = "token-store-v1"
@@ -125,10 +126,6 @@ class TokenStore:
 
 def is_store(location: str) -> bool:
     """True when `location` is s3:// / gs:// (always a store) or a local folder holding a store's index/ledger."""
-    from pathlib import Path
-
-    from picotron_jax.data.kv import is_remote
-
     if is_remote(location):
         return True
     path = Path(location.removeprefix("file://")).expanduser()

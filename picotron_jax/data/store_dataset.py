@@ -81,7 +81,7 @@ class StoreDataset(TokenDataset):
         if old._planned == 0:
             return old
         old.close()
-        return ShardCache(self.store, cache_dir=old.dir.parent.parent if old.dir else None,
+        return ShardCache(self.store, cache_dir=old.cache_dir,
                           disk_bytes=old.disk_bytes, memory_bytes=old.memory_bytes,
                           prefetch_steps=old.prefetch_steps, plan=self.shards_for_step, horizon=old.horizon)
 
