@@ -5,6 +5,7 @@ trains from a token store or a mixture. Fields (plain numbers, cumulative since 
 
     data_l1_hits, data_prefetch_hits, data_l2_hits   shard reads served by memory / prefetch / disk
     data_fetches, data_bytes_fetched                 shard reads from the store (L3)
+    data_evictions                                   shards evicted from the disk cache
     data_corrupt_refetched                           cached shards that failed their checksum
     data_wait_s                                      seconds the reader waited for shard reads
     data_hit_rate, data_disk_bytes, data_prefetch_depth
