@@ -70,6 +70,10 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
     if cfg.precision.mode == "fp16" and cfg.precision.promote_after > 0:
         out.append(PrecisionPromotion())
     out.append(StopOnNonFiniteLoss())
+    if cfg.data.mixture or _is_store(cfg.data.source):  # cache counters / per-source tokens into the rows
+        from picotron_jax.data.stats import DataStats
+
+        out.append(DataStats())
     out.append(CheckpointSaver())  # before the console: the final save is reported before the summary
     if main and run_dir is not None:
         out.append(MetricsFile(run_dir / "metrics.jsonl"))
@@ -85,3 +89,8 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         out.append(ProfiledWindow(cfg, run_dir))
     return out + named + list(extra)
 
+
+def _is_store(source: str) -> bool:
+    from picotron_jax.data.store import is_store
+
+    return is_store(source)

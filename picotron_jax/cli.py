@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.profile.command import add_parser as add_profile_parser
 
     add_profile_parser(sub, _add_config_args)
+    from picotron_jax.data.commands import add_parser as add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
@@ -201,6 +204,12 @@ def cmd_precision(args) -> int:
     return run_precision(args, _load)
 
 
+def cmd_data(args) -> int:
+    from picotron_jax.data.commands import cmd_data as run_data
+
+    return run_data(args)
+
+
 def cmd_profile(args) -> int:
     from picotron_jax.profile.command import cmd_profile as run_profile
 
@@ -211,6 +220,7 @@ COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tok
             "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
             "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)
+COMMANDS["data"] = cmd_data
 
 
 def _in_multiprocess_run() -> bool:

@@ -142,6 +142,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(typ)
             return [_coerce(x, item, f"{where}[{i}]") for i, x in enumerate(value)]
+    elif typ is dict:  # list[dict]: entries checked by the section's own code (data.mixture)
+        if isinstance(value, dict):
+            return dict(value)
     else:  # pragma: no cover - all leaves are bool/int/float/str/list
         raise TypeError(f"unsupported config type {typ} at {where}")
     name = getattr(typ, "__name__", str(typ))

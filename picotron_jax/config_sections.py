@@ -111,7 +111,12 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib" | text file | folder of text files | .jsonl | .parquet
     text_field: str = "text"  # field holding the text in .jsonl / .parquet rows
     tokenizer: str = "byte"  # "byte" | path to a Hugging Face tokenizer.json
-    cache_dir: str = ""  # "" -> ~/.cache/picotron_jax/tokens
+    cache_dir: str = ""  # "" -> ~/.cache/picotron_jax/tokens (also the local-disk shard cache of remote stores)
+    # token stores (picotron-jax data prepare; data/store.py, data/cache.py, data/mixture.py)
+    cache_bytes: int = 10 << 30  # L2: bytes of a remote store's shards kept on local disk; 0 = none
+    memory_bytes: int = 1 << 30  # L1: bytes of decoded shards kept in memory (LRU)
+    prefetch_steps: int = 8  # most steps ahead whose shards are fetched in the background; 0 = no prefetch
+    mixture: list[dict] = field(default_factory=list)  # [{source, weight[, schedule: [[step, weight], ...]]}, ...]
 
 
 CHECKPOINT_CODECS = ("auto", "zstd", "lz4", "blosc-zstd", "blosc-lz4", "none")  # checkpoint/codecs.py

@@ -18,6 +18,7 @@ import jax
 from picotron_jax.config import Config
 from picotron_jax.config_checks import validate
 from picotron_jax.data import TokenDataset, eval_batch, global_batch
+from picotron_jax.data.sources import open_dataset
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import build_mesh, run_devices
 from picotron_jax.parallel.sharding import MeshRules
@@ -104,8 +105,8 @@ def build_run(cfg: Config, *, data: bool = True, devices: list | None = None,
     rules = MeshRules.from_config(mesh, cfg)
     dataset = None
     if data:
-        dataset = TokenDataset.build(cfg.data, cfg.train.seq_len, cfg.train.seed,
-                                     held_out=(cfg.eval.tokens, cfg.eval.fraction))
+        dataset = open_dataset(cfg.data, cfg.train.seq_len, cfg.train.seed,
+                               held_out=(cfg.eval.tokens, cfg.eval.fraction))
         if dataset.vocab_size > cfg.model.vocab_size:
             raise UserError(
                 f"config field 'model.vocab_size' = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "

@@ -145,13 +145,18 @@ class TokenDataset:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= global_batch):
             raise ValueError(f"rows must lie in [0, {global_batch}), got {rows.min()}..{rows.max()}")
-        windows = self.window_index(step * global_batch + rows)  # [r]
+        return self.sample_rows(step * global_batch + rows)
+
+    def sample_rows(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+        """Training rows of the global sample numbers `samples` (sample s -> window window_index(s))."""
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        windows = self.window_index(samples)  # [r]
         offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # [r, seq_len + 1]
-        tokens = self.tokens[offsets].astype(np.int32)  # fancy indexing reads only these pages
+        tokens = self.take(offsets).astype(np.int32)
         return {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
-            "mask": np.ones((rows.size, self.seq_len), np.float32),  # packed data: every token is real
+            "mask": np.ones((samples.size, self.seq_len), np.float32),  # packed data: every token is real
         }
 
     def eval_rows(self, index: int, batch: int, rows: slice | np.ndarray | list[int]) -> dict[str, np.ndarray]:
@@ -163,9 +168,13 @@ class TokenDataset:
         real = r < self.num_held_out
         windows = self.num_sequences + 1 + np.where(real, r, 0)
         offsets = windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
-        tokens = self.tokens[offsets].astype(np.int32)
+        tokens = self.take(offsets).astype(np.int32)
         mask = np.repeat(real.astype(np.float32)[:, None], self.seq_len, axis=1)
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+    def take(self, offsets: np.ndarray) -> np.ndarray:
+        """Tokens at the corpus positions `offsets` (any shape); fancy indexing reads only these pages."""
+        return self.tokens[offsets]
 
     def eval_batches(self, batch: int) -> int:
         return -(-self.num_held_out // batch)
