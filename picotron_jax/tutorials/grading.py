@@ -21,7 +21,9 @@ class Passed:
     properties: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return f"[{self.lesson}] passed: " + "; ".join(self.properties)
+        shown = self.properties[:6]
+        more = f"; ... and {len(self.properties) - 6} more" if len(self.properties) > 6 else ""
+        return f"[{self.lesson}] passed all {len(self.properties)} properties: " + "; ".join(shown) + more
 
     __repr__ = __str__
 
