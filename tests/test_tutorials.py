@@ -113,3 +113,50 @@ def test_08_dynamic_loss_scale():
              "finite-step counter")
     rejected(lessons.check_loss_scale, lambda s, g, f, i: (s * 2, g + 1) if f and g + 1 >= i else right(s, g, f, i),
              "finite-step counter")
+
+
+def test_07_restore_onto_a_new_mesh_with_plain_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from helpers import preset, setup
+    from picotron_jax.checkpoint.manager import Checkpointer
+    from picotron_jax.train.state import init_train_state
+
+    cfg = preset("tp2-dp4")
+    _, st = setup(cfg)
+    state = init_train_state(cfg, st)
+    ckpt = Checkpointer(tmp_path / "ckpt", cfg, say=lambda _m: None)
+    ckpt.save(state, {"mesh": "tp2-dp4"})
+    ckpt.close()
+    state_dir = tmp_path / "ckpt" / "0" / "state"
+    saved = {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x)
+             for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    mesh = jax.make_mesh((8,), ("x",))
+
+    def restorer(pick_dim=lambda dims: dims[0], dtype=None, restore_type=None):
+        def restore(state_dir, mesh):
+            ckptr = ocp.PyTreeCheckpointer()
+
+            def args(m):
+                if restore_type is not None:
+                    return ocp.RestoreArgs(restore_type=restore_type)
+                dims = [d for d, s in enumerate(m.shape) if s % 8 == 0] if len(m.shape) >= 2 else []
+                spec = P(*([None] * pick_dim(dims) + ["x"])) if dims and pick_dim(dims) is not None else P()
+                return ocp.ArrayRestoreArgs(sharding=NamedSharding(mesh, spec), dtype=dtype)
+
+            full = ckptr.metadata(state_dir).item_metadata.tree
+            item = jax.tree.map(lambda _: 0, full)
+            rargs = jax.tree.map(args, full)
+            out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=rargs))
+            return out["params"]
+        return restore
+
+    assert isinstance(lessons.check_restore(restorer(), state_dir, saved, mesh), Passed)
+    rejected(lessons.check_restore, restorer(restore_type=np.ndarray), "is a jax.Array on the new mesh",
+             state_dir, saved, mesh)
+    rejected(lessons.check_restore, restorer(pick_dim=lambda dims: None), "is laid out as", state_dir, saved, mesh)
+    rejected(lessons.check_restore, restorer(pick_dim=lambda dims: dims[-1]), "is laid out as", state_dir, saved, mesh)
+    rejected(lessons.check_restore, restorer(dtype=jax.numpy.bfloat16), "equals the saved values",  # lossy cast
+             state_dir, saved, mesh)
