@@ -158,3 +158,21 @@ def check_restore(fn, step_dir, reference: dict, mesh) -> Passed:
         err = float(np.max(np.abs(np.asarray(x) - reference[name])))
         c.expect(err == 0.0, f"{name} equals the saved values", f"max |difference| = {err:.3g}")
     return c.result
+
+
+# ------------------------------------------------------------------------------ 09 profiler
+
+
+def check_straggler(fn, devices: list[dict], late_device: int) -> Passed:
+    """fn(device rows of profile.json) -> the device id of the straggler; checked against the device the fault
+    injector made late, also with the rows shuffled (the answer must come from the numbers, not the order)."""
+    c = Checker("09_profiler")
+    got = c.call("fn runs", fn, [dict(r) for r in devices])
+    c.expect(got == late_device, "names the device the fault injector made late",
+             f"you named {got}, the injected straggler is device {late_device}; "
+             f"waits: {[(r['device'], round(r['wait_s'] * 1e3, 1)) for r in devices]} ms")
+    shuffled = [dict(r) for r in devices[::-1]]
+    got = c.call("fn runs", fn, shuffled)
+    c.expect(got == late_device, "the same answer with the rows in another order",
+             f"you named {got} for the reversed rows")
+    return c.result
