@@ -51,3 +51,29 @@ def test_notebook_runs_and_its_checks_pass(name):
     figures = sum("plt.show()" in c.source for c in nb.cells if c.cell_type == "code")
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= figures >= 1, name
     assert texts
+
+
+@pytest.mark.notebooks
+def test_learn_check_names_the_failed_property_of_a_wrong_answer(tmp_path, capsys):
+    from picotron_jax.cli import main
+
+    nb = build(ROOT / "notebooks" / "src" / "01_mesh_and_shardings.py")
+    for cell in nb.cells:
+        if "answer" in cell.metadata.get("tags", []):
+            cell.source = cell.source.replace('"layers.wq": (4, 32, 4, 16)', '"layers.wq": (4, 128, 4, 16)')
+    nbformat.write(nb, tmp_path / "mine.ipynb")
+    assert main(["learn", "check", "01", "--notebook", str(tmp_path / "mine.ipynb")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "per-device shape of layers.wq" in out and "(4, 32, 4, 16)" in out
+    assert main(["learn", "check", "01"]) == 0 and "PASS" in capsys.readouterr().out
+
+
+def test_learn_reset_writes_blank_copies(tmp_path, capsys):
+    from picotron_jax.cli import main
+
+    assert main(["learn", "reset", "--out", str(tmp_path)]) == 0
+    for name in NAMES:
+        nb = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+        answers = [c for c in nb.cells if "answer" in c.metadata.get("tags", [])]
+        assert answers and all(c.source == c.metadata["blank"] for c in answers)
+    assert "answer cell(s) blanked" in capsys.readouterr().out

@@ -160,3 +160,13 @@ def test_07_restore_onto_a_new_mesh_with_plain_orbax(tmp_path):
     rejected(lessons.check_restore, restorer(pick_dim=lambda dims: dims[-1]), "is laid out as", state_dir, saved, mesh)
     rejected(lessons.check_restore, restorer(dtype=jax.numpy.bfloat16), "equals the saved values",  # lossy cast
              state_dir, saved, mesh)
+
+
+def test_09_straggler_from_the_profile_rows():
+    rows = [{"device": d, "compute_s": 0.05, "collective_s": 0.01, "wait_s": 0.02 if d == 5 else 0.3 + 0.01 * d}
+            for d in range(8)]
+    right = lambda rs: min(rs, key=lambda r: r["wait_s"])["device"]  # noqa: E731
+    assert isinstance(lessons.check_straggler(right, rows, 5), Passed)
+    rejected(lessons.check_straggler, lambda rs: max(rs, key=lambda r: r["wait_s"])["device"], "made late", rows, 5)
+    rejected(lessons.check_straggler, lambda rs: int(np.argmin([r["wait_s"] for r in rs])), "another order", rows, 5)
+    rejected(lessons.check_straggler, lambda rs: rs[5]["device"], "another order", rows, 5)  # position, not numbers
