@@ -124,7 +124,7 @@ def test_07_restore_onto_a_new_mesh_with_plain_orbax(tmp_path):
     from picotron_jax.checkpoint.manager import Checkpointer
     from picotron_jax.train.state import init_train_state
 
-    cfg = preset("tp2-dp4")
+    cfg = preset("tp2-dp4", "checkpoint.codec=none", "checkpoint.async_save=false")
     _, st = setup(cfg)
     state = init_train_state(cfg, st)
     ckpt = Checkpointer(tmp_path / "ckpt", cfg, say=lambda _m: None)

@@ -3,6 +3,8 @@ the dynamic loss scale, restoring a checkpoint onto another mesh with plain Orba
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,27 +84,36 @@ def moe_routing_sample(seq_len: int = 64, num_experts: int = 8, top_k: int = 2, 
     return route(h, router, None, cfg)
 
 
-def true_dropped_fraction(r, num_experts: int, factor: float) -> float:
-    """Share of token copies the capacity dispatch of models/moe.py drops."""
+def true_dropped_fraction(r, num_experts: int, factor: float, positions_BTK=None) -> float:
+    """Share of token copies the capacity dispatch of models/moe.py drops (`positions_BTK`: the copies' ranks
+    from `capacity_positions`, when already computed: they do not depend on the capacity)."""
     from picotron_jax.models.moe import capacity_masks, capacity_positions, expert_capacity
 
     B, T, K = r.experts_BTK.shape
     cap = expert_capacity(T, K, num_experts, factor)
-    pos = capacity_positions(r.experts_BTK, r.priority_BTK, num_experts)
+    pos = capacity_positions(r.experts_BTK, r.priority_BTK, num_experts) if positions_BTK is None else positions_BTK
     _, _, kept = capacity_masks(r.experts_BTK, r.weights_BTK, pos, num_experts, cap)
     return 1.0 - float(jnp.mean(kept.astype(jnp.float32)))
+
+
+@functools.lru_cache(maxsize=4)
+def _drop_sample(factors: tuple[float, ...], E: int = 8):
+    """(load_BE, T, K, the layer's dropped fraction per factor) of one routing sample (computed once)."""
+    r = moe_routing_sample(num_experts=E)
+    load_BE = np.asarray(jax.nn.one_hot(r.experts_BTK, E).sum(axis=(1, 2))).astype(int)
+    from picotron_jax.models.moe import capacity_positions
+
+    pos = capacity_positions(r.experts_BTK, r.priority_BTK, E)
+    return (load_BE, r.experts_BTK.shape[1], r.experts_BTK.shape[2],
+            [true_dropped_fraction(r, E, f, pos) for f in factors])
 
 
 def check_dropped_fraction(fn, factors=(0.5, 0.7, 1.1, 1.25, 2.0)) -> Passed:
     """fn(load_BE, seq_len, top_k, factor) -> fraction of token copies dropped, where load_BE counts the
     copies each sequence sends to each expert; checked against the layer's own dispatch."""
     c = Checker("06_mixture_of_experts")
-    E = 8
-    r = moe_routing_sample(num_experts=E)
-    load_BE = np.asarray(jax.nn.one_hot(r.experts_BTK, E).sum(axis=(1, 2))).astype(int)
-    T, K = r.experts_BTK.shape[1], r.experts_BTK.shape[2]
-    for f in factors:
-        want = true_dropped_fraction(r, E, f)
+    load_BE, T, K, truth = _drop_sample(tuple(factors))
+    for f, want in zip(factors, truth):
         got = float(c.call("fn runs", fn, load_BE, T, K, f))
         c.expect(abs(got - want) < 1e-6, f"dropped fraction at capacity factor {f} equals the layer's",
                  f"you said {got:.4f}, the dispatch drops {want:.4f}")
