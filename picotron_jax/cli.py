@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.data.commands import add_parser as add_data_parser
 
     add_data_parser(sub)
+    from picotron_jax.tutorials.command import add_parser as add_learn_parser
+
+    add_learn_parser(sub)
     return parser
 
 
@@ -221,6 +224,15 @@ COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tok
             "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)
 COMMANDS["data"] = cmd_data
+
+
+def cmd_learn(args) -> int:
+    from picotron_jax.tutorials.command import cmd_learn as run_learn
+
+    return run_learn(args)
+
+
+COMMANDS["learn"] = cmd_learn
 
 
 def _in_multiprocess_run() -> bool:

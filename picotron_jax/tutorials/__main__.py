@@ -1,0 +1,3 @@
+from picotron_jax.tutorials.notebook import main
+
+main()
