@@ -109,7 +109,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         cos_TK, sin_TK = rotary_tables(jnp.arange(T), mc.resolved_head_dim, mc.rope_theta)
 
         def stage_forward(chunk_params, x_bTD):
-            stacked = {k: a.astype(cd) for k, a in chunk_params.items()}
+            stacked = {k: a if k.endswith("_norm") else a.astype(cd) for k, a in chunk_params.items()}  # norms: fp32
             return decoder_layers(stacked, x_bTD, cos_TK, sin_TK, mc, STAGE_OPS)
 
         def embed(table_vD, i):
