@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import preset, primitive_dtypes, setup, synthetic_batch
 from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
+from picotron_jax.observe.hlo import collective_bytes
 from picotron_jax.run import build_run
 from picotron_jax.train.step import build_grad_fn
 
@@ -60,3 +62,48 @@ def test_norms_are_fp32_in_a_bf16_run_and_the_policy_says_so():
     _, same = grad_jaxpr(preset("single", "model.num_layers=2", "precision.mode=bf16",
                                 "precision.overrides=final_norm:fp32"))
     assert same.module_dtypes == ()
+
+
+def router_all_gathers(cfg) -> tuple[int, list[str]]:
+    """(all-gather bytes of the compiled grad step, the all-gathers whose op name is in the router)."""
+    rules, st = setup(cfg)
+    hlo = build_grad_fn(cfg, rules, st).lower(st.abstract.params, synthetic_batch(cfg, 0, rules)).compile().as_text()
+    lines = hlo.splitlines()
+    gathers = [i for i, line in enumerate(lines) if " all-gather(" in line or "all-gather-start(" in line]
+    # the op name is on the instruction or on the bitcast that consumes it (XLA:CPU prints both)
+    in_router = [lines[i] for i in gathers
+                 if "moe_router" in lines[i] or any(f"%{lines[i].split()[0].lstrip('%')})" in nxt
+                                                    and "moe_router" in nxt for nxt in lines[i + 1:i + 3])]
+    return collective_bytes(hlo)["all-gather"], in_router
+
+
+def test_moe_routing_stays_on_each_devices_tokens():
+    """top_k over the router scores ran outside any shard_map, so GSPMD all-gathered the global scores
+    (f32[B, T, E]) on every device: all-gather bytes grew with the data axis for a fixed per-device batch."""
+    small = ("model.num_layers=2", "mesh.expert=2")
+    two, two_router = router_all_gathers(preset("moe-ep8", *small, "mesh.num_devices=2", "train.global_batch=4"))
+    eight, eight_router = router_all_gathers(preset("moe-ep8", *small, "mesh.data=4", "train.global_batch=16"))
+    assert two_router == [] and eight_router == [], eight_router
+    assert two == eight  # per-device batch 2 in both: the routing moves nothing across devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["moe-ep8", "moe-ep4-tp2", "moe-dropless-dp2-ep4"])
+def test_no_moe_preset_gathers_router_scores(name):
+    _, in_router = router_all_gathers(preset(name, "model.num_layers=2"))
+    assert in_router == []
+
+
+def test_expert_parallel_matches_single_device_with_drops():
+    """At the default capacity factor tokens drop; the groups are sequences, so the same copies drop on
+    expert=8 as on one device, and loss, routing and gradients agree."""
+    from test_layouts import assert_grads_close
+    from test_moe_parallel import loss_grads_metrics
+
+    ep_metrics, ep_grads = loss_grads_metrics(preset("moe-ep8", "model.num_layers=2"))
+    one_metrics, one_grads = loss_grads_metrics(preset("moe-single", "model.num_layers=2"))
+    assert float(np.sum(one_metrics["moe_dropped"])) > 0  # the default capacity factor drops copies here
+    np.testing.assert_array_equal(ep_metrics["moe_dropped"], one_metrics["moe_dropped"])
+    np.testing.assert_array_equal(ep_metrics["moe_load"], one_metrics["moe_load"])
+    np.testing.assert_allclose(ep_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+    assert_grads_close(ep_grads, one_grads)
