@@ -107,3 +107,63 @@ def test_expert_parallel_matches_single_device_with_drops():
     np.testing.assert_array_equal(ep_metrics["moe_load"], one_metrics["moe_load"])
     np.testing.assert_allclose(ep_metrics["loss"], one_metrics["loss"], rtol=1e-5)
     assert_grads_close(ep_grads, one_grads)
+
+
+def _subjaxprs(value):
+    from jax.extend import core as jex_core
+
+    if isinstance(value, jex_core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jex_core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def _has_dot(eqn) -> bool:
+    return eqn.primitive.name == "dot_general" or any(
+        _has_dot(e) for value in eqn.params.values() for sub in _subjaxprs(value) for e in sub.eqns)
+
+
+def ring_steps_waiting_on_their_transfer(jaxpr) -> tuple[int, int]:
+    """(loop bodies with a ppermute, of them those where a matmul consumes what a ppermute of the
+    same iteration received: a step that computes on the block it just received cannot overlap it)."""
+    bodies, waiting = 0, 0
+
+    def visit(jx):
+        nonlocal bodies, waiting
+        for eqn in jx.eqns:
+            for value in eqn.params.values():
+                for sub in _subjaxprs(value):
+                    if eqn.primitive.name == "scan" and any(e.primitive.name == "ppermute" for e in sub.eqns):
+                        bodies += 1
+                        tainted: set = set()
+                        for e in sub.eqns:
+                            hit = any(not hasattr(v, "val") and v in tainted for v in e.invars)
+                            if hit and _has_dot(e):
+                                waiting += 1
+                                break
+                            if hit or e.primitive.name == "ppermute":
+                                tainted.update(e.outvars)
+                    visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return bodies, waiting
+
+
+@pytest.mark.parametrize("zigzag", [True, False], ids=["zigzag", "contiguous"])
+def test_ring_attention_sends_the_next_block_while_computing(zigzag):
+    """Forward and backward ring steps send the next K/V block (and the dK/dV accumulator) without any
+    matmul of the step waiting for it; the numerics are test_context.py's ring == one device."""
+    from jax.sharding import Mesh
+
+    from picotron_jax.config import MESH_AXES
+    from picotron_jax.parallel.context import ring_attention
+    from picotron_jax.parallel.sharding import MeshRules
+
+    rules = MeshRules(Mesh(np.array(jax.devices()[:4]).reshape(1, 1, 4, 1, 1), MESH_AXES), context_zigzag=zigzag)
+    q, k, v = (jnp.ones(s, jnp.float32) for s in ((2, 32, 4, 8), (2, 32, 2, 8), (2, 32, 2, 8)))
+    grad = jax.grad(lambda q, k, v: jnp.sum(ring_attention(rules, q, k, v, zigzag)), (0, 1, 2))
+    bodies, waiting = ring_steps_waiting_on_their_transfer(jax.make_jaxpr(grad)(q, k, v))
+    assert bodies == 2 and waiting == 0, (bodies, waiting)  # the forward ring and the backward ring
