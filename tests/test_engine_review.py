@@ -167,3 +167,14 @@ def test_ring_attention_sends_the_next_block_while_computing(zigzag):
     grad = jax.grad(lambda q, k, v: jnp.sum(ring_attention(rules, q, k, v, zigzag)), (0, 1, 2))
     bodies, waiting = ring_steps_waiting_on_their_transfer(jax.make_jaxpr(grad)(q, k, v))
     assert bodies == 2 and waiting == 0, (bodies, waiting)  # the forward ring and the backward ring
+
+
+def test_attention_asks_for_cudnn_on_gpu_in_half_precision():
+    """Without `implementation=` jax.nn.dot_product_attention used XLA's kernel on GPU too."""
+    from picotron_jax.models.attention import attention_implementation
+
+    assert attention_implementation("gpu", jnp.bfloat16) == "cudnn"
+    assert attention_implementation("cuda", jnp.float16) == "cudnn"
+    assert attention_implementation("gpu", jnp.float32) is None  # cuDNN's flash kernel takes fp16/bf16 only
+    assert attention_implementation("cpu", jnp.bfloat16) is None
+    assert attention_implementation("tpu", jnp.bfloat16) is None
