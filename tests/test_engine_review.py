@@ -178,3 +178,25 @@ def test_attention_asks_for_cudnn_on_gpu_in_half_precision():
     assert attention_implementation("gpu", jnp.float32) is None  # cuDNN's flash kernel takes fp16/bf16 only
     assert attention_implementation("cpu", jnp.bfloat16) is None
     assert attention_implementation("tpu", jnp.bfloat16) is None
+
+
+def test_compat_reads_varying_axes_and_fails_loudly_when_the_api_changes(monkeypatch):
+    """jax.typeof(x).mat.varying is used through picotron_jax/compat.py, which raises naming the API
+    when it is gone, instead of silently treating every value as unvarying."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from picotron_jax import compat
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    seen = {}
+
+    def body(a):
+        seen["inside"] = compat.varying_axes(a)
+        return a
+
+    jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"))(jnp.ones(4))
+    assert seen["inside"] == frozenset({"x"}) and compat.varying_axes(jnp.ones(2)) == frozenset()
+    monkeypatch.setattr(jax, "typeof", lambda x: object())
+    with pytest.raises(compat.CompatError, match=r"jax.typeof\(x\).mat.varying.*compat.py"):
+        compat.varying_axes(jnp.ones(2))
