@@ -203,12 +203,17 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
         _need(t.seq_len % chunks == 0,
               f"config field 'train.seq_len' = {t.seq_len}: must be divisible by {layout}; "
               f"e.g. train.seq_len={max(chunks, t.seq_len // chunks * chunks)}")
+    dp = sizes["data"]
+    _need(t.zero_stage == 0 or dp == 1 or m.hidden_size % dp == 0,
+          f"config field 'train.zero_stage' = {t.zero_stage}: ZeRO splits every parameter's embed dimension "
+          f"(model.hidden_size = {m.hidden_size}) over mesh.data = {dp}, which does not divide it; use a mesh.data "
+          f"that divides {m.hidden_size}, or train.zero_stage=0")
     tp = sizes["tensor"]
     _need(m.num_heads % tp == 0,
           f"config field 'model.num_heads' = {m.num_heads}: must be divisible by mesh.tensor = {tp}")
     _need(m.num_kv_heads % tp == 0 or tp % m.num_kv_heads == 0,
           f"config field 'model.num_kv_heads' = {m.num_kv_heads}: must be divisible by mesh.tensor = {tp}, or "
-          f"divide it (then each KV head is replicated on {max(tp // m.num_kv_heads, 1)} tensor ranks)")
+          f"divide it (then the K/V projections are whole on every tensor rank)")
     _need(m.intermediate_size % tp == 0,
           f"config field 'model.intermediate_size' = {m.intermediate_size}: must be divisible by "
           f"mesh.tensor = {tp}")

@@ -58,3 +58,34 @@ def run_steps(cfg: Config, steps: int = 3):
 
 class Quiet:
     """A duck-typed loop callback (no base class, no events): importable as 'helpers:Quiet' in configs."""
+
+
+def primitive_dtypes(closed_jaxpr, primitive: str, operand: int | None = None) -> dict[str, int]:
+    """How many `primitive` equations the jaxpr holds (nested jaxprs included, a scan body once), by the
+    dtype of their output (or of operand `operand`): the program's own dtypes, not the policy's."""
+    from collections import Counter
+
+    from jax.extend import core as jex_core
+
+    counts: Counter = Counter()
+
+    def subs(value):
+        if isinstance(value, jex_core.ClosedJaxpr):
+            yield value.jaxpr
+        elif isinstance(value, jex_core.Jaxpr):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from subs(v)
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == primitive:
+                var = eqn.outvars[0] if operand is None else eqn.invars[operand]
+                counts[str(var.aval.dtype)] += 1
+            for value in eqn.params.values():
+                for sub in subs(value):
+                    walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return dict(counts)

@@ -137,7 +137,8 @@ def test_seq_len_not_divisible_names_field_value_and_multiple():
 
 
 def test_ring_program_does_not_grow_with_context():
-    """The ring is a scan over steps: the lowered program is the same size for c = 2 and c = 8."""
+    """The ring is a scan over steps: the lowered program is the same size for c = 4 and c = 8 (at c = 2
+    the double-buffered ring has no loop: the one visiting block is computed after the diagonal)."""
     q, k, v, _ = qkv()
 
     def size(c):
@@ -145,5 +146,5 @@ def test_ring_program_does_not_grow_with_context():
         fn = jax.grad(lambda q, k, v: jnp.sum(ring_attention(rules, q, k, v)), (0, 1, 2))
         return len(jax.jit(fn).lower(q, k, v).as_text().splitlines())
 
-    small, large = size(2), size(8)
+    small, large = size(4), size(8)
     assert abs(large - small) <= 0.05 * small, (small, large)

@@ -39,7 +39,7 @@ def no_remat_grads():
     return grads_for("memory.remat=none")
 
 
-@pytest.mark.parametrize("remat", ["full:1,dots:1", "save_attn:1,names:1"])  # per-layer: two policies per run
+@pytest.mark.parametrize("remat", ["full:1,dots:1", "save_attn:1,names:1", "save_qkv:1,offload_attn:1"])  # two per run
 def test_remat_policy_gives_the_gradients_of_no_remat(remat):
     """Recomputation repeats the same fp32 operations; only XLA's fusion may reorder a sum (a few ulps)."""
     grads = grads_for(f"memory.remat={remat}", "memory.remat_names=wq,wk,wv,w_down")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import MESHES, preset, setup, synthetic_batch
+from helpers import MESHES, preset, primitive_dtypes, setup, synthetic_batch
 from picotron_jax.cli import main
 from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
@@ -16,7 +16,7 @@ from picotron_jax.observe.memory import live_arrays_stats
 from picotron_jax.train import precision as mp
 from picotron_jax.train.precision_analysis import analyze, write_policy
 from picotron_jax.train.state import init_params, init_train_state
-from picotron_jax.train.step import build_train_step
+from picotron_jax.train.step import build_grad_fn, build_train_step
 
 SMALL = ("model.num_layers=2",)
 TRACK_STEPS = 8
@@ -53,6 +53,13 @@ def test_low_precision_tracks_fp32(mode, fp32_losses):
     assert st.policy.compute_dtype == mp.MODE_DTYPES[mode]
     assert fp32_losses[-1] < fp32_losses[0] - 1.0, "the reference run did not train"
     np.testing.assert_allclose(losses, fp32_losses, atol=TRACK_BOUND, rtol=0)
+    assert np.abs(losses - fp32_losses).max() > 0, "the low-precision run is the fp32 run: the mode was ignored"
+    cfg = preset("single", *SMALL, f"precision.mode={mode}")
+    rules, st2 = setup(cfg)
+    dots = primitive_dtypes(jax.make_jaxpr(build_grad_fn(cfg, rules, st2))(st2.abstract.params,
+                                                                           synthetic_batch(cfg, 0)), "dot_general", 0)
+    low = mp.MODE_DTYPES[mode]
+    assert dots.get(low, 0) >= 0.75 * sum(dots.values()), dots  # projections (fp16: attention is fp32 on CPU)
     if mode == "fp16":
         assert int(rows[-1]["skipped_steps"]) == 0 and float(rows[-1]["loss_scale"]) == 2.0**15
     # the donated state is replaced, not accumulated: the live device arrays stay level (no leak)

@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from picotron_jax.compat import varying_axes
+
 
 def _parse(spec: str) -> tuple[str, str, str]:
     inputs, y = spec.replace(" ", "").split("->")
@@ -51,7 +53,7 @@ def _project_bwd(spec, residuals, dy):
 def sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
     """Inside a shard_map (pipeline stages, expert and vocabulary shards): psum a gradient over the mesh axes it varies on but
     its primal does not, as autodiff would (dx of a projection split over `tensor`). Outside, a cast."""
-    extra = tuple(sorted(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying))
+    extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
     return (jax.lax.psum(grad, extra) if extra else grad).astype(primal.dtype)
 
 

@@ -43,37 +43,43 @@ OUTPUT_PROJECTIONS = ("wo", "w_down")  # scaled by 1/sqrt(2L) at init (GPT-2, Ra
 LAYER_INDEX = "_layer"  # a layer-index leaf scanned with the stacked params when a layer tap is given
 
 
-def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm (Zhang & Sennrich 2019), computed in fp32."""
-    x32 = x_BTD.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (x32 * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float, dtype=None) -> jax.Array:
+    """RMSNorm (Zhang & Sennrich 2019), returned in x's dtype. Every operation, the scale included, is in
+    `dtype`: fp32 unless the precision policy overrides this norm (train/precision.py)."""
+    cd = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    xc = x_BTD.astype(cd)
+    xc = xc * jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + jnp.asarray(eps, cd))
+    return (xc * scale_D.astype(cd)).astype(x_BTD.dtype)
 
 
 def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
-                  attention_dtype=None) -> jax.Array:
+                  attention_dtype=None, norm_dtypes: Mapping[str, jnp.dtype] | None = None) -> jax.Array:
     """One pre-norm Llama block: x + Attn(norm(x)), then x + SwiGLU(norm(x)). `p` holds one layer.
 
     Module outputs carry `checkpoint_name` tags (the weight's name, and "attention") for the
     named remat policies of train/remat.py; `attention_dtype` is the attention core's compute dtype
-    when it differs from the stream's (train/precision.py)."""
-    return dense_mlp_residual(p, attention_residual(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype), cfg, ops)
+    when it differs from the stream's, `norm_dtypes` ("attn_norm"/"mlp_norm" -> dtype) those of overridden
+    norms (train/precision.py)."""
+    x_BTD = attention_residual(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
+    return dense_mlp_residual(p, x_BTD, cfg, ops, norm_dtypes)
 
 
 def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
-                       attention_dtype=None) -> jax.Array:
+                       attention_dtype=None, norm_dtypes: Mapping[str, jnp.dtype] | None = None) -> jax.Array:
     """x + Attn(norm(x))."""
-    q_BTHK, k_BTGK, v_BTGK = attention_inputs(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype)
+    q_BTHK, k_BTGK, v_BTGK = attention_inputs(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
     with jax.named_scope("attention"):
         o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
     return attention_output(p, x_BTD, o_BTHK, ops)
 
 
 def attention_inputs(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
-                     attention_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     attention_dtype=None, norm_dtypes: Mapping[str, jnp.dtype] | None = None,
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rotated queries [B, T, H, K], keys and values [B, T, G, K] of norm(x) (also the KV cache's input)."""
     with jax.named_scope("attn_norm"):
-        h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps), "attn_norm")
+        norm_dtype = (norm_dtypes or {}).get("attn_norm")
+        h_BTD = checkpoint_name(rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps, norm_dtype), "attn_norm")
     with jax.named_scope("qkv"):
         q_BTHK = checkpoint_name(project("btd,dhk->bthk", h_BTD, p["wq"]), "wq")
         k_BTGK = checkpoint_name(project("btd,dgk->btgk", h_BTD, p["wk"]), "wk")
@@ -93,10 +99,12 @@ def attention_output(p: dict, x_BTD: jax.Array, o_BTHK: jax.Array, ops: Parallel
         return ops.constrain(x_BTD, ("batch", "seq", "embed"))
 
 
-def dense_mlp_residual(p: dict, x_BTD: jax.Array, cfg: ModelConfig, ops: ParallelOps) -> jax.Array:
+def dense_mlp_residual(p: dict, x_BTD: jax.Array, cfg: ModelConfig, ops: ParallelOps,
+                       norm_dtypes: Mapping[str, jnp.dtype] | None = None) -> jax.Array:
     """x + SwiGLU(norm(x))."""
     with jax.named_scope("mlp_norm"):
-        h_BTD = checkpoint_name(rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps), "mlp_norm")
+        norm_dtype = (norm_dtypes or {}).get("mlp_norm")
+        h_BTD = checkpoint_name(rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps, norm_dtype), "mlp_norm")
     with jax.named_scope("mlp"):
         gate_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_gate"]), "w_gate")
         up_BTF = checkpoint_name(project("btd,df->btf", h_BTD, p["w_up"]), "w_up")
@@ -184,7 +192,8 @@ class Llama(nnx.Module):
         index (the fault injector's hook, train/faults.py); without it the program is unchanged."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
-        dtype_of = lambda module: (module_dtypes or {}).get(module, compute_dtype)  # noqa: E731
+        norms = ("layers.attn_norm", "layers.mlp_norm", "final_norm")  # fp32 unless overridden (train/precision.py)
+        dtype_of = lambda m: (module_dtypes or {}).get(m, jnp.float32 if m in norms else compute_dtype)  # noqa: E731
         with jax.named_scope("embed"):
             x_BTD = ops.embed(self.embed[...].astype(dtype_of("embed")), tokens_BT).astype(compute_dtype)
             x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
@@ -192,22 +201,25 @@ class Llama(nnx.Module):
         cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
         stacked = {name: v[...].astype(dtype_of(f"layers.{name}")) for name, v in self.layers.items()}
         attention_dtype = (module_dtypes or {}).get("layers.attention")
+        norm_dtypes = {m: d for m in ("attn_norm", "mlp_norm") if (d := (module_dtypes or {}).get(f"layers.{m}"))}
+        final_dtype = (module_dtypes or {}).get("final_norm")
         tap = (lambda x, p: x) if layer_tap is None else (lambda x, p: layer_tap(x, p[LAYER_INDEX]))  # noqa: E731
         if layer_tap is not None:  # scanned with the layers, so each layer knows its index
             stacked[LAYER_INDEX] = jnp.arange(cfg.num_layers)
 
         def block(x, layer_params):
-            return tap(decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype), layer_params)
+            return tap(decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes),
+                       layer_params)
 
         if self.moe_plan is None:
             x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
             with jax.named_scope("final_norm"):
-                return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), None
+                return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps, final_dtype), None
 
         def moe_block(p, p_moe, x):
-            x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype)
+            x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
             with jax.named_scope("mlp_norm"):
-                h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+                h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, norm_dtypes.get("mlp_norm"))
             y, stats = moe_math.moe_ffn(p_moe, h, self.moe_cfg, ops)
             return tap(ops.constrain(x + y, ("batch", "seq", "embed")), p), stats
 
@@ -215,7 +227,7 @@ class Llama(nnx.Module):
         x_BTD, stats = run_mixed_stack(stacked, moe_params, x_BTD, self.moe_plan,
                                        lambda p, x: block(x, p), moe_block, cfg.scan_unroll)
         with jax.named_scope("final_norm"):
-            return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), stats
+            return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps, final_dtype), stats
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (full logits: for inference and inspection)."""

@@ -184,7 +184,7 @@ def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: "Par
     B, T, D = h_BTD.shape
     E, K = cfg.num_experts, cfg.top_k
     with jax.named_scope("moe_router"):  # named scopes: the profiler's modules (picotron_jax/profile)
-        r = route(h_BTD, p["router"], p.get("router_bias"), cfg)
+        r = ops.route(h_BTD, p["router"], p.get("router_bias"), cfg)  # on each device's own tokens
     experts = (p["w_gate"], p["w_up"], p["w_down"])
     if cfg.dispatch == "capacity":
         with jax.named_scope("moe_dispatch"):

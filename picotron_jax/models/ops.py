@@ -15,6 +15,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from picotron_jax.config import MoEConfig
 from picotron_jax.models import moe as moe_math
 from picotron_jax.models.attention import causal_attention
 
@@ -32,6 +33,10 @@ class ParallelOps(Protocol):
     def sum_partials(self, y_BTD: jax.Array) -> jax.Array:
         """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
         row-parallel all-reduce). The identity where the compiler inserts the sum (auto sharding)."""
+
+    def route(self, h_BTD: jax.Array, router_DE: jax.Array, bias_E: jax.Array | None,
+              cfg: MoEConfig) -> moe_math.Routing:
+        """The MoE router on each device's own tokens (`models/moe.py:route`, a per-token computation)."""
 
     def capacity_experts(self, x_EBCD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
                          w_down_EFD: jax.Array) -> jax.Array:
@@ -56,6 +61,9 @@ class LocalOps:
 
     def sum_partials(self, y_BTD):
         return y_BTD
+
+    def route(self, h_BTD, router_DE, bias_E, cfg):
+        return moe_math.route(h_BTD, router_DE, bias_E, cfg)
 
     def capacity_experts(self, x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD):
         return moe_math.swiglu_experts(x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -28,6 +28,9 @@ def banner(run, peak: float, peak_source: str) -> list[str]:
         f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})",
         f"{run.setup.policy.describe()} | remat {cfg.memory.remat}",
     ]
+    unsplit = run.rules.unsplit_params(spec.logical_axes, spec.shapes)
+    if unsplit:
+        lines.append(f"replicated ({len(unsplit)}): " + "; ".join(unsplit[:4]) + ("; ..." if len(unsplit) > 4 else ""))
     if run.mesh.shape["pipe"] > 1:
         from picotron_jax.parallel.pipeline_schedule import schedule_of_config, schedule_report
 

@@ -2,7 +2,8 @@
 
 flops_per_token = 6·N + 6·L·T·d (DESIGN.md; Kaplan et al. 2020 and the PaLM appendix B):
 N = parameters without the input embedding (a tied table still counts once, as the LM head),
-L layers, T sequence length, d model width; causal attention counted once (not halved).
+L layers, T sequence length, d model width. 6·L·T·d is causal attention: the 12·L·T·d of q·k and
+p·v over all T keys (forward and backward, PaLM's 12·L·H·Q·T) halved, as the causal mask keeps half.
 MoE layers count their *active* parameters: the router, top_k routed experts and the shared ones.
 """
 

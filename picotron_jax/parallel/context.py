@@ -2,7 +2,8 @@
 
 The sequence is split over `context` (c devices). Each device keeps its queries; the K/V blocks
 travel around the ring with `ppermute` (device d sends to d+1), and after step s device i holds
-the block of device j = i - s (mod c). Each step's block attention is merged into the running
+the block of device j = i - s (mod c). The ring is double-buffered: a step sends the next block on
+before computing on the one it holds, and none of its matmuls wait for that transfer. Each step's block attention is merged into the running
 output with the online softmax of flash attention (Milakov & Gimelshein 2018; Dao et al. 2022):
 the output is kept normalised together with its per-row log-sum-exp, and
     lse' = logaddexp(lse, lse_blk),  o' = o exp(lse - lse') + o_blk exp(lse_blk - lse').
@@ -102,10 +103,13 @@ def _shift(xs, c: int):
 def _ring_forward(q, k, v, c: int, zigzag: bool):
     """Local queries over all K/V blocks of the ring: (o f32 [b,n,g,r,k], lse [b,g,r,n], work).
 
+    Double-buffered: the block for the next step is sent on (`ppermute`) before this step's block is
+    computed on, and nothing this step computes waits for it, so the transfer can overlap the compute.
     `work` counts the query x key pairs this device scored (for the balance measurement)."""
     i = jax.lax.axis_index(CONTEXT)
     n = q.shape[1]
     h = n // 2
+    kv = _shift((k, v), c)  # block i-1, in flight while the diagonal is computed
     o, lse = _block_attend(q, k, v, causal=True)  # step 0: own block (the diagonal)
     work = jnp.asarray(n * n, F32)
 
@@ -124,46 +128,61 @@ def _ring_forward(q, k, v, c: int, zigzag: bool):
                     work + h * n)
         return o, lse, work  # entirely in the future: skipped
 
-    def step(carry, s):
-        o, lse, work, k, v = carry
-        k, v = _shift((k, v), c)
+    def compute(o, lse, work, kv, s):
         j = (i - s) % c
-        o, lse, work = jax.lax.cond(j < i, below, above, o, lse, work, k, v)
-        return (o, lse, work, k, v), None
+        return jax.lax.cond(j < i, below, above, o, lse, work, *kv)
 
-    (o, lse, work, _, _), _ = jax.lax.scan(step, (o, lse, work, k, v), jnp.arange(1, c))
+    def step(carry, s):
+        o, lse, work, kv = carry
+        kv_next = _shift(kv, c)  # sent on before, and independent of, this step's compute
+        o, lse, work = compute(o, lse, work, kv, s)
+        return (o, lse, work, kv_next), None
+
+    (o, lse, work, kv), _ = jax.lax.scan(step, (o, lse, work, kv), jnp.arange(1, c - 1))
+    o, lse, work = compute(o, lse, work, kv, c - 1)  # the last block: nothing left to send
     return o, lse, work
 
 
 def _ring_backward(q, k, v, o, lse, do, c: int, zigzag: bool):
-    """Second trip round the ring: dQ stays home; K, V, dK, dV travel, then dK/dV shift home."""
+    """Second trip round the ring: dQ stays home; K, V and the dK/dV accumulators travel, then dK/dV
+    shift home. Double-buffered like the forward: the next K/V block and the accumulator of the block
+    computed last step are in flight while this step's block gradients are computed; the arriving
+    accumulator is only added to them afterwards."""
     i = jax.lax.axis_index(CONTEXT)
     h = q.shape[1] // 2
     delta = jnp.einsum("bngrk,bngrk->bgrn", do.astype(F32), o)  # rowsum(dO * O)
+    kv = _shift((k, v), c)
     dq, dk, dv = _block_grads(q, k, v, do, lse, delta, causal=True)
 
-    def below(dq, dk, dv, k, v):
+    def below(dq, k, v):  # -> dq, and this block's dk, dv contributions
         if zigzag:
             a, b, e = _block_grads(q, k[:, :h], v[:, :h], do, lse, delta, causal=False)
-            return dq + a, dk.at[:, :h].add(b), dv.at[:, :h].add(e)
+            pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)  # noqa: E731
+            return dq + a, pad(b), pad(e)
         a, b, e = _block_grads(q, k, v, do, lse, delta, causal=False)
-        return dq + a, dk + b, dv + e
+        return dq + a, b, e
 
-    def above(dq, dk, dv, k, v):
+    def above(dq, k, v):
         if zigzag:
             a, b, e = _block_grads(q[:, h:], k, v, do[:, h:], lse[..., h:], delta[..., h:], causal=False)
-            return dq.at[:, h:].add(a), dk + b, dv + e
-        return dq, dk, dv
+            return dq.at[:, h:].add(a), b, e
+        return dq, jnp.zeros_like(k, F32), jnp.zeros_like(v, F32)
+
+    def compute(dq, kv, dkv_in, s):
+        j = (i - s) % c
+        dq, b, e = jax.lax.cond(j < i, below, above, dq, *kv)
+        return dq, (dkv_in[0] + b, dkv_in[1] + e)
 
     def step(carry, s):
-        dq, k, v, dk, dv = carry
-        k, v, dk, dv = _shift((k, v, dk, dv), c)
-        j = (i - s) % c
-        dq, dk, dv = jax.lax.cond(j < i, below, above, dq, dk, dv, k, v)
-        return (dq, k, v, dk, dv), None
+        dq, kv, dkv = carry
+        kv_next = _shift(kv, c)
+        dkv_in = _shift(dkv, c)  # this block's accumulator, from the device that computed on it last step
+        dq, dkv = compute(dq, kv, dkv_in, s)
+        return (dq, kv_next, dkv), None
 
-    (dq, _, _, dk, dv), _ = jax.lax.scan(step, (dq, k, v, dk, dv), jnp.arange(1, c))
-    dk, dv = _shift((dk, dv), c)  # block j's gradients are on device j-1: one more step home
+    (dq, kv, dkv), _ = jax.lax.scan(step, (dq, kv, (dk, dv)), jnp.arange(1, c - 1))
+    dq, dkv = compute(dq, kv, _shift(dkv, c), c - 1)
+    dk, dv = _shift(dkv, c)  # block j's gradients are on device j-1: one more step home
     return dq, dk, dv
 
 

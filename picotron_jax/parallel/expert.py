@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from picotron_jax.models.moe import ragged_swiglu, sort_by_expert, swiglu_experts
+from picotron_jax.models.moe import Routing, ragged_swiglu, route, sort_by_expert, swiglu_experts
 from picotron_jax.parallel.sharding import MeshRules
 
 
@@ -124,3 +124,17 @@ def expert_parallel_dropless(rules: MeshRules, x_BTD: jax.Array, experts_BTK: ja
     local = lambda x, e, wg, wu, wd: dropless_local(x, e, wg, wu, wd, E, ep, tp)  # noqa: E731
     return jax.shard_map(local, mesh=rules.mesh, in_specs=(x_spec, e_spec, *_weight_specs(rules)),
                          out_specs=y_spec)(x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def local_routing(rules: MeshRules, h_BTD: jax.Array, router_DE: jax.Array, bias_E: jax.Array | None,
+                  cfg) -> Routing:
+    """`models/moe.py:route` on each device's own tokens: a shard_map over the token axes (batch, seq),
+    router weights and bias replicated (their gradients are summed over those axes by autodiff)."""
+    tok = P(rules.mesh_axes("batch") or None, rules.mesh_axes("seq") or None, None)
+    if bias_E is None:
+        local = lambda h, w: route(h, w, None, cfg)  # noqa: E731
+        args, in_specs = (h_BTD, router_DE), (tok, P())
+    else:
+        local = lambda h, w, b: route(h, w, b, cfg)  # noqa: E731
+        args, in_specs = (h_BTD, router_DE, bias_E), (tok, P(), P())
+    return jax.shard_map(local, mesh=rules.mesh, in_specs=in_specs, out_specs=Routing(*(tok,) * 5))(*args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+from picotron_jax.models import moe as moe_math
 from picotron_jax.models.attention import causal_attention
 from picotron_jax.parallel.context import context_attention
 from picotron_jax.parallel.expert import (
@@ -22,6 +23,7 @@ from picotron_jax.parallel.expert import (
     dropless_local,
     expert_parallel_capacity,
     expert_parallel_dropless,
+    local_routing,
 )
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules
 from picotron_jax.parallel.vocab import local_vocab_embed, vocab_parallel_embed
@@ -47,6 +49,12 @@ class MeshOps:
     def sum_partials(self, y_BTD):
         """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
         return y_BTD
+
+    def route(self, h_BTD, router_DE, bias_E, cfg):
+        """The router in a shard_map over the token axes: each device routes its own tokens. Under plain
+        GSPMD, top_k all-gathered the global router scores onto every device (traffic and work grew with
+        the global batch; tests/test_engine_review.py)."""
+        return local_routing(self.rules, h_BTD, router_DE, bias_E, cfg)
 
     def capacity_experts(self, x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD):
         return expert_parallel_capacity(self.rules, x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD)
@@ -74,6 +82,9 @@ class StageOps:
 
     def sum_partials(self, y_bTD):
         return jax.lax.psum(y_bTD, _TENSOR)
+
+    def route(self, h_bTD, router_DE, bias_E, cfg):
+        return moe_math.route(h_bTD, router_DE, bias_E, cfg)  # already this rank's tokens
 
     def capacity_experts(self, x_EbCD, w_gate, w_up, w_down):
         return capacity_local(x_EbCD, w_gate, w_up, w_down, _EXPERT, _TENSOR)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from picotron_jax.compat import varying_axes
 from picotron_jax.config import Config
 from picotron_jax.models.attention import rotary_tables
 from picotron_jax.models.llama import decoder_layers, rms_norm
@@ -52,12 +53,12 @@ F32 = jnp.float32
 
 def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """Mark x as varying over `axes` (shard_map's type system), where it does not vary yet."""
-    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
+    missing = tuple(a for a in axes if a not in varying_axes(x))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _zeros_like(x: jax.Array, dtype=F32) -> jax.Array:
-    return _vary(jnp.zeros(x.shape, dtype), tuple(jax.typeof(x).mat.varying))
+    return _vary(jnp.zeros(x.shape, dtype), tuple(sorted(varying_axes(x))))
 
 
 def _param_specs(rules: MeshRules, logical_axes: Any, shapes: Any) -> Any:
@@ -109,7 +110,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         cos_TK, sin_TK = rotary_tables(jnp.arange(T), mc.resolved_head_dim, mc.rope_theta)
 
         def stage_forward(chunk_params, x_bTD):
-            stacked = {k: a.astype(cd) for k, a in chunk_params.items()}
+            stacked = {k: a if k.endswith("_norm") else a.astype(cd) for k, a in chunk_params.items()}  # norms: fp32
             return decoder_layers(stacked, x_bTD, cos_TK, sin_TK, mc, STAGE_OPS)
 
         def embed(table_vD, i):

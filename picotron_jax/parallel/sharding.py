@@ -61,6 +61,22 @@ def logical_to_spec(
     return P(*out)
 
 
+def _unsplit_dims(axes: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]],
+                  shape: tuple[int, ...]) -> list[str]:
+    """The dimensions `logical_to_spec` leaves unsplit because their size does not divide by their mesh axes."""
+    used: set[str] = set()
+    out = []
+    for dim, name in enumerate(axes):
+        mesh_axes = tuple(a for a in (rules.get(name, ()) if name else ()) if a not in used and mesh.shape[a] > 1)
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and shape[dim] % ways:
+            over = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
+            out.append(f"dim {dim} ({name}={shape[dim]}): {over} does not divide it")
+        elif mesh_axes:
+            used.update(mesh_axes)
+    return out
+
+
 @dataclass(frozen=True)
 class MeshRules:
     """The mesh plus the ZeRO stage: the one place that turns logical axes into shardings.
@@ -87,6 +103,22 @@ class MeshRules:
     def opt_param_specs(self, logical_axes: Any, shapes: Any) -> Any:
         rules = ZERO_RULES if self.zero_stage >= 1 else LOGICAL_RULES
         return _map_axes(lambda ax, sh: logical_to_spec(ax, self.mesh, rules, sh.shape), logical_axes, shapes)
+
+    def unsplit_params(self, logical_axes: Any, shapes: Any) -> list[str]:
+        """Why parameter dimensions stay replicated although their logical rule names a mesh axis of
+        size > 1: `"wk dim 2 (kv_heads=4): tensor=8 does not divide it"`, one line per (parameter, dimension),
+        for the parameters (stage 3) and the optimizer state (stages 1 and 3). The start-up banner prints them."""
+        out: list[str] = []
+        param_rules = ZERO_RULES if self.zero_stage >= 3 else LOGICAL_RULES
+        opt_rules = ZERO_RULES if self.zero_stage >= 1 else LOGICAL_RULES
+        flat_axes = jax.tree_util.tree_leaves_with_path(logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+        for (path, axes), sds in zip(flat_axes, jax.tree.leaves(shapes)):
+            name = jax.tree_util.keystr(path, simple=True, separator=".")
+            for what, rules in (("parameter", param_rules), ("optimizer state", opt_rules)):
+                for reason in _unsplit_dims(axes, self.mesh, rules, sds.shape):
+                    line = f"{name} {reason}: {what} replicated on that axis"
+                    out.append(line)
+        return list(dict.fromkeys(out))
 
     def param_shardings(self, logical_axes: Any, shapes: Any) -> Any:
         return jax.tree.map(self.named, self.param_specs(logical_axes, shapes))

@@ -39,6 +39,9 @@ MODE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MODULES: tuple[str, ...] = (
     "embed", *(f"layers.{name}" for name in LAYER_PARAMS), "layers.attention", "final_norm", "head",
 )
+# Norms compute in fp32 whatever the mode (their statistics need the range); an override to another dtype
+# computes the whole norm, scale included, in that dtype (models/llama.py:rms_norm).
+NORM_MODULES: tuple[str, ...] = ("layers.attn_norm", "layers.mlp_norm", "final_norm")
 PARAM_OF_MODULE = {"embed": ("embed",), "final_norm": ("final_norm",), "head": ("lm_head",),
                    **{f"layers.{name}": ("layers", name) for name in LAYER_PARAMS}}
 
@@ -48,7 +51,7 @@ class PrecisionPolicy:
     mode: str  # resolved: fp32 | bf16 | fp16
     reason: str  # why this mode (auto) - logged at start-up
     compute_dtype: str  # residual stream and default module dtype
-    module_dtypes: tuple[tuple[str, str], ...] = ()  # (module, dtype) where it differs from compute_dtype
+    module_dtypes: tuple[tuple[str, str], ...] = ()  # (module, dtype) where it differs from default_of(module)
     param_dtype: str = "float32"
     output_dtype: str = "float32"
     promoted: tuple[str, ...] = ()  # modules promoted to fp32 after repeated overflow
@@ -57,21 +60,26 @@ class PrecisionPolicy:
     def loss_scaling(self) -> bool:
         return self.mode == "fp16"
 
+    def default_of(self, module: str) -> str:
+        """A module's dtype without an override: fp32 for norms, the compute dtype for the rest."""
+        return "float32" if module in NORM_MODULES else self.compute_dtype
+
     def dtype_of(self, module: str) -> jnp.dtype:
-        return jnp.dtype(dict(self.module_dtypes).get(module, self.compute_dtype))
+        return jnp.dtype(dict(self.module_dtypes).get(module, self.default_of(module)))
 
     def model_dtypes(self) -> dict[str, jnp.dtype]:
-        """Module -> dtype for the modules that differ from the compute dtype (models/llama.py)."""
+        """Module -> dtype for the modules that differ from their default (models/llama.py)."""
         return {m: jnp.dtype(d) for m, d in self.module_dtypes}
 
     def with_modules(self, dtypes: dict[str, str], promoted: tuple[str, ...] = ()) -> "PrecisionPolicy":
         merged = dict(self.module_dtypes) | dtypes
-        kept = tuple((m, d) for m in MODULES if (d := merged.get(m, self.compute_dtype)) != self.compute_dtype)
+        kept = tuple((m, d) for m in MODULES if (d := merged.get(m, self.default_of(m))) != self.default_of(m))
         return replace(self, module_dtypes=kept, promoted=tuple(sorted(set(self.promoted) | set(promoted))))
 
     def describe(self) -> str:
         special = ", ".join(f"{m}={jnp.dtype(d).name}" for m, d in self.module_dtypes)
-        return f"precision {self.mode} ({self.reason})" + (f"; modules: {special}" if special else "")
+        norms = "" if self.compute_dtype == "float32" else "; norms fp32"
+        return f"precision {self.mode} ({self.reason}){norms}" + (f"; modules: {special}" if special else "")
 
 
 def auto_mode(devices: list) -> tuple[str, str]:
