@@ -6,15 +6,13 @@ STAMP := $(VENV)/.installed
 # 8 virtual CPU devices, so the 8-device layouts run on a machine without accelerators.
 CPU_DEVICES ?= 8
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
-# the dev extra's torch (for the Hugging Face tests) from PyTorch's CPU wheel index: PyPI's Linux wheel is the CUDA build
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: train test test-slow test-notebooks test-lowest notebooks bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' --extra-index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
