@@ -83,5 +83,9 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         from picotron_jax.profile.window import ProfiledWindow
 
         out.append(ProfiledWindow(cfg, run_dir))
+    if run_dir is not None or cfg.debug.break_when or cfg.debug.check_every:  # picotron_jax/debug
+        from picotron_jax.debug.callbacks import debug_callbacks
+
+        out.extend(debug_callbacks(cfg, run_dir))
     return out + named + list(extra)
 

@@ -1,0 +1,116 @@
+"""The debugger's single-process pieces: the breakpoint language, breakpoints in the loop, crash reports,
+replica consistency checks (the fault injector desynchronises one replica)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import picotron_jax as pj
+from helpers import MESHES
+from picotron_jax.cli import main
+from picotron_jax.debug.breakpoint import Breakpoint
+from picotron_jax.debug.expr import parse
+from picotron_jax.errors import UserError
+from test_api import TINY, params_of, tiny
+
+KNOWN = {"step", "loss", "grad_norm", "lr"}
+VALUES = {"step": 120.0, "loss": 6.0, "grad_norm": 3.0, "lr": 1e-4, "grad_norm_median": 0.25, "loss_mean": 5.5}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("loss > 5 and step > 100", True),
+    ("loss > 5 and step > 200", False),
+    ("grad_norm > 10 * grad_norm_median", True),
+    ("grad_norm > 20 * grad_norm_median", False),
+    ("not (lr < 1e-5) or loss != loss", True),
+    ("loss - loss_mean >= 0.5", True),
+    ("1 < grad_norm <= 3", True),
+    ("(loss + 2) ** 2 / 4 == 16", True),
+    ("-grad_norm < -4 or step % 7 == 1", True),
+    ("step % 7 == 2", False),
+    ("loss / 0 > 1e30", True),  # a division by zero is infinite, not an error
+])
+def test_valid_expressions_evaluate_against_the_metrics(text, expected):
+    assert parse(text, KNOWN).evaluate(VALUES) is expected
+
+
+@pytest.mark.parametrize("text, why", [
+    ("__import__('os')", "a function call is not allowed"),
+    ("__builtins__ > 1", "unknown name '__builtins__'"),
+    ("loss.real > 1", "attribute access is not allowed"),
+    ("abs(loss) > 1", "a function call is not allowed"),
+    ("(lambda: 1) > 0", "a lambda is not allowed"),
+    ("[x for x in (1, 2)]", "a comprehension is not allowed"),
+    ("loss[0] > 1", "a subscript is not allowed"),
+    ("10 ** 10 ** 10 > loss", "an exponent must be a number literal"),
+    ("loss ** grad_norm > 1", "an exponent must be a number literal"),
+    ("2 ** 100 > loss", "an exponent must be a number literal"),
+    ("'a' < 'b'", "the constant 'a' (only numbers are allowed)"),
+    ("(y := 3) > 1", "an assignment is not allowed"),
+    ("loss if loss else 1", "a conditional expression is not allowed"),
+    ("loss > 5 and", "not an expression"),
+    ("loss > 5; import os", "not an expression"),
+    ("temperature > 1", "unknown name 'temperature'"),
+    ("loss @ loss", "the operator MatMult is not allowed"),
+    ("loss > 1e999", "out of range"),
+])
+def test_hostile_or_malformed_expressions_are_rejected_with_their_position(text, why):
+    with pytest.raises(UserError, match="column") as info:
+        parse(text, KNOWN)
+    assert why in str(info.value) and "debug.break_when" in str(info.value)
+
+
+def test_a_hostile_breakpoint_stops_the_cli_at_start_with_exit_code_2(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    code = main(["train", "--config", str(MESHES / "single.yaml"), "--run-dir", str(tmp_path / "run"), *TINY,
+                 f"debug.break_when=__import__('os').system('touch {marker}') or loss > 1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "a function call is not allowed" in err
+    assert not marker.exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_breakpoint_hands_control_to_the_inspector_and_training_continues_identically():
+    cfg = tiny("single", "train.steps=4")
+    with pj.Trainer(cfg) as plain:
+        plain.run()
+    seen = []
+
+    def inspector(ctx):
+        seen.append((ctx.step, dict(ctx.metrics), np.asarray(ctx.batch["inputs"]).copy(),
+                     float(np.asarray(ctx.state.step))))
+
+    brk = Breakpoint("step >= 2 and loss < loss_max + 1", cfg, inspector=inspector)
+    with pj.Trainer(cfg, callbacks=[brk]) as stopped:
+        stopped.run()
+        np.testing.assert_array_equal(seen[0][2], np.asarray(stopped.batch(1)["inputs"]))
+    assert [s[0] for s in seen] == [2, 3, 4] and brk.fired == [2, 3, 4]
+    assert all(s[3] == s[0] for s in seen)  # the state after the step that fired
+    assert set(seen[0][1]) == {"step", "loss", "loss_max"} and math.isfinite(seen[0][1]["loss"])
+    for a, b in zip(params_of(plain), params_of(stopped)):
+        np.testing.assert_array_equal(a, b)
+
+
+class Boom(pj.Callback):
+    def on_step_end(self, trainer, step, outputs):
+        if step == 2:
+            raise RuntimeError("boom at step 2")
+
+
+def test_an_unexpected_exception_writes_a_crash_report_and_a_checkpoint(tmp_path):
+    cfg = tiny("single", "train.steps=4", "logging.every=1", "debug.save_on_crash=true")
+    trainer = pj.Trainer(cfg, tmp_path, callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+    report = json.loads((tmp_path / "debug" / "crash-2.json").read_text())
+    assert report["exception"] == "RuntimeError: boom at step 2" and report["step"] == 2
+    assert report["batch_index"] == 2 and report["last_metrics"]["step"] == 2
+    assert any("boom at step 2" in line for line in report["traceback"])
+    assert any("MainThread" in name for name in report["stacks"])
+    assert report["config"]["train"]["steps"] == 4 and report["checkpoint"].endswith("2")
+    with pj.Trainer.restore(tmp_path) as again:
+        assert again.step_count == 2
+    trainer.close()
