@@ -114,3 +114,23 @@ def test_an_unexpected_exception_writes_a_crash_report_and_a_checkpoint(tmp_path
     with pj.Trainer.restore(tmp_path) as again:
         assert again.step_count == 2
     trainer.close()
+
+
+def test_a_desynchronised_replica_is_caught_at_the_next_check_naming_the_array_and_device():
+    """dp4 x tp2: the fault injector moves one element of one data-parallel copy of layers.wq by one ulp."""
+    from picotron_jax.config import MESH_AXES
+    from picotron_jax.debug.consistency import ReplicaCheck
+
+    cfg = tiny("single", "mesh.num_devices=8", "mesh.data=4", "mesh.tensor=2", "train.steps=3", "debug.check_every=1",
+               "faults.flip_step=2", "faults.flip_array=layers.wq", "faults.flip_replica=1")
+    trainer = pj.Trainer(cfg)
+    check = next(cb for cb in trainer.callbacks if isinstance(cb, ReplicaCheck))
+    target = np.take(trainer.mesh.devices, 1, axis=MESH_AXES.index("data")).flat[0]
+    with pytest.raises(pj.RunAborted) as info:
+        trainer.run()
+    assert check.checked == [1, 2] and trainer.step_count == 2  # step 1 was clean, step 2 was caught
+    message = str(info.value)
+    assert message.startswith("replicas diverged: params.layers.wq (slice [")
+    assert f"differs on device {target.id} (process 0) from its 3 other copies" in message
+    assert "debug.check_every = 1" in message
+    trainer.close()

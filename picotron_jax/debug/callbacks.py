@@ -16,4 +16,8 @@ def debug_callbacks(cfg, run_dir: Path | None) -> list:
         from picotron_jax.debug.breakpoint import Breakpoint
 
         out.append(Breakpoint(d.break_when, cfg))
+    if d.check_every:
+        from picotron_jax.debug.consistency import ReplicaCheck
+
+        out.append(ReplicaCheck(d.check_every))
     return out
