@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.profile.command import add_parser as add_profile_parser
 
     add_profile_parser(sub, _add_config_args)
+    from picotron_jax.debug.command import add_parser as add_debug_parser
+
+    add_debug_parser(sub)
     return parser
 
 
@@ -211,6 +214,15 @@ COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tok
             "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
             "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)
+
+
+def cmd_debug(args) -> int:
+    from picotron_jax.debug.command import cmd_debug as run_debug
+
+    return run_debug(args)
+
+
+COMMANDS["debug"] = cmd_debug
 
 
 def _in_multiprocess_run() -> bool:

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 
-def debug_callbacks(cfg, run_dir: Path | None) -> list:
+
+def debug_callbacks(cfg, run_dir: Path | None) -> tuple[list, list]:
+    """(callbacks fired first, callbacks fired after the built-in ones)."""
+    first: list = []
     out: list = []
     d = cfg.debug
+    if jax.process_count() > 1:
+        from picotron_jax.debug.identity import check_same_run
+        from picotron_jax.debug.recorder import FlightRecorder
+
+        if d.check_start:
+            check_same_run(cfg)  # before the first collective: the state's initialisation
+        first.append(FlightRecorder(cfg, run_dir))
     if run_dir is not None:
         from picotron_jax.debug.postmortem import CrashReport
 
@@ -20,4 +31,4 @@ def debug_callbacks(cfg, run_dir: Path | None) -> list:
         from picotron_jax.debug.consistency import ReplicaCheck
 
         out.append(ReplicaCheck(d.check_every))
-    return out
+    return first, out
