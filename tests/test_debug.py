@@ -134,3 +134,21 @@ def test_a_desynchronised_replica_is_caught_at_the_next_check_naming_the_array_a
     assert f"differs on device {target.id} (process 0) from its 3 other copies" in message
     assert "debug.check_every = 1" in message
     trainer.close()
+
+
+@pytest.mark.slow
+def test_an_injected_nan_in_a_layers_forward_is_traced_to_that_layer_and_op(tmp_path, capsys):
+    """The run stops at step 3 (NaN in layer 1's output); `debug nan --step 3` replays it from checkpoint 2."""
+    cfg = tiny("single", "train.steps=4", "logging.every=1", "checkpoint.every=2", "faults.nan_step=3",
+               "faults.nan_layer=1")
+    with pj.Trainer(cfg, tmp_path) as trainer, pytest.raises(pj.RunAborted):
+        trainer.run()
+    capsys.readouterr()
+    assert main(["debug", "nan", str(tmp_path), "--step", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "replaying step 3 from checkpoint 2 on batch 2" in out
+    assert "first non-finite value: select_n in forward pass, decoder layer 1," in out and "faults.py:" in out
+    assert "finite 0%" in out  # the input statistics show the NaN operand
+    print(out)
+    assert main(["debug", "nan", str(tmp_path), "--step", "2"]) == 2
+    assert "has no checkpoint before step 2" in capsys.readouterr().err
