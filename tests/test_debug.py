@@ -152,3 +152,36 @@ def test_an_injected_nan_in_a_layers_forward_is_traced_to_that_layer_and_op(tmp_
     print(out)
     assert main(["debug", "nan", str(tmp_path), "--step", "2"]) == 2
     assert "has no checkpoint before step 2" in capsys.readouterr().err
+
+
+def _dump(process: int, fingerprint: str, collectives: list[str], stack_file: str, done: int) -> dict:
+    return {"process": process, "num_processes": 3, "host": "h", "pid": 100 + process, "problem": "no step",
+            "recorder": [{"phase": "step done", "step": done}, {"phase": "step", "step": done + 1}],
+            "main_stack": [{"file": "/src/picotron_jax/trainer.py", "line": 115, "function": "_advance"},
+                           {"file": stack_file, "line": 7, "function": "wait"}],
+            "program": {"fingerprint": fingerprint, "collectives": collectives}}
+
+
+def test_the_hang_report_names_differing_programs_and_missing_processes(tmp_path):
+    """Synthetic dumps: process 1 compiled another program, process 2 left no dump; the launcher writes the
+    report when process 0 did not."""
+    from picotron_jax.debug.hang import load_dumps, report, write_report_if_missing
+
+    (tmp_path / "debug").mkdir()
+    jax_file = "/venv/lib/python3.11/site-packages/jax/_src/api.py"
+    dumps = {0: _dump(0, "aaa", ["all-reduce replica_groups={{0,1}}", "all-gather replica_groups={{0,1}}"], jax_file, 4),
+             1: _dump(1, "bbb", ["all-reduce replica_groups={{0,1}}", "reduce-scatter replica_groups={{0,1}}"],
+                      jax_file, 4)}
+    for p, d in dumps.items():
+        (tmp_path / "debug" / f"hang-p{p}.json").write_text(json.dumps(d))
+    assert sorted(load_dumps(tmp_path)) == [0, 1]
+    text = report(load_dumps(tmp_path), 3)
+    assert "hang report: 2 of 3 process(es) left a dump" in text
+    assert "process 2: no dump" in text
+    assert "programs differ: process(es) [0] compiled aaa; process(es) [1] compiled bbb" in text
+    assert ("first differing collective, #1: process 0 runs all-gather replica_groups={{0,1}}, process 1 runs "
+            "reduce-scatter replica_groups={{0,1}}") in text
+    assert "likely cause: the processes run different programs" in text
+    assert write_report_if_missing(tmp_path, 3) == tmp_path / "debug" / "hang-report.txt"
+    assert (tmp_path / "debug" / "hang-report.txt").read_text() == text
+    assert write_report_if_missing(tmp_path, 3) is None  # process 0's (or an earlier) report is kept
