@@ -66,9 +66,10 @@ def local_fingerprints(state) -> list[dict]:
         for shard in arr.addressable_shards:
             index = [(s.start, s.stop) for s in shard.index]
             per_device[shard.device].append((name, index, shard.data))
-    rows = []
+    launched = {device: _fingerprints([data for _, _, data in items]) for device, items in per_device.items()}
+    rows = []  # every device's program is dispatched before any result is read: the devices work in parallel
     for device, items in per_device.items():
-        fps = np.asarray(_fingerprints([data for _, _, data in items]))
+        fps = np.asarray(launched[device])
         rows += [{"array": name, "index": index, "device": device.id, "process": device.process_index,
                   "fp": [int(a), int(b)]} for (name, index, _), (a, b) in zip(items, fps)]
     return rows
