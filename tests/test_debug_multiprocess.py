@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import MESHES
 from picotron_jax.cli import main
 from picotron_jax.distributed import EXIT_PEER_LOST
@@ -15,6 +17,7 @@ from picotron_jax.launch import child_env, free_port
 from test_multiprocess import FAST, REPO, corpus, run_launcher  # noqa: F401 - corpus is a fixture
 
 
+@pytest.mark.slow
 def test_a_hung_process_is_named_in_the_hang_report_with_its_phase(tmp_path, corpus, capsys):  # noqa: F811
     run_dir = tmp_path / "run"
     code, text = run_launcher(["-n", "2", "--devices-per-process", "4", "--", "train", "--config",

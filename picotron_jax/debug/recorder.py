@@ -40,7 +40,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _OP = re.compile(r"=\s*\S.*?\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _GROUPS = re.compile(r"(replica_groups=(?:\{[^=]*?\}\}|\[[^\]]*\]<=\[[^\]]*\](?:T\([^)]*\))?|\{\})"
                      r"|source_target_pairs=\{[^=]*?\}\})")
-WAIT_FOR_DUMPS_S = 15.0
+WAIT_FOR_DUMPS_S = 8.0
 
 
 def collective_sequence(hlo_text: str) -> list[str]:
@@ -141,8 +141,11 @@ class FlightRecorder(Callback):
             return
         from picotron_jax.debug.hang import load_dumps, report
 
+        now = watchdog.clock()  # wait only for the processes still sending heartbeats (a lost one writes nothing)
+        alive = {watchdog.me} | {p for p, peer in table.peers.items()
+                                 if peer.beat is not None and now - peer.changed_at < table.timeout_s}
         deadline = time.monotonic() + WAIT_FOR_DUMPS_S
-        while time.monotonic() < deadline and len(load_dumps(self.run_dir)) < watchdog.n:
+        while time.monotonic() < deadline and not alive <= set(load_dumps(self.run_dir)):
             time.sleep(0.2)
         text = report(load_dumps(self.run_dir), watchdog.n)
         (self.run_dir / "debug" / "hang-report.txt").write_text(text)
