@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.tutorials.command import add_parser as add_learn_parser
 
     add_learn_parser(sub)
+    from picotron_jax.debug.command import add_parser as add_debug_parser
+
+    add_debug_parser(sub)
     return parser
 
 
@@ -233,6 +236,15 @@ def cmd_learn(args) -> int:
 
 
 COMMANDS["learn"] = cmd_learn
+
+
+def cmd_debug(args) -> int:
+    from picotron_jax.debug.command import cmd_debug as run_debug
+
+    return run_debug(args)
+
+
+COMMANDS["debug"] = cmd_debug
 
 
 def _in_multiprocess_run() -> bool:

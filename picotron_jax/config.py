@@ -46,6 +46,7 @@ from picotron_jax.config_sections import (  # noqa: F401  (re-exported: callers 
     MemoryConfig,
     CLUSTERS,
     DistributedConfig,
+    DebugConfig,
 )
 
 
@@ -69,6 +70,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -237,6 +237,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_generate(cfg)
     validate_faults(cfg, sizes)
     validate_profile(cfg)
+    validate_debug(cfg)
     return sizes
 
 
@@ -392,3 +393,12 @@ def validate_pipeline(cfg: Config, pipe: int, sizes: dict[str, int] | None = Non
     _need(m.num_kv_heads % sizes["tensor"] == 0,
           f"config field 'model.num_kv_heads' = {m.num_kv_heads}: with mesh.pipe > 1 it must be divisible by "
           f"mesh.tensor = {sizes['tensor']} (pipeline stages do not replicate KV heads)")
+
+
+def validate_debug(cfg: Config) -> None:
+    """Numbers of the `debug` section (the break_when expression is parsed by debug/expr.py at start)."""
+    d = cfg.debug
+    for name in ("break_timeout_s", "check_every", "recorder_size"):
+        value = getattr(d, name)
+        _need(value >= 0, f"config field 'debug.{name}' = {value}: must be >= 0")
+    _need(d.break_timeout_s >= 1, f"config field 'debug.break_timeout_s' = {d.break_timeout_s}: must be >= 1 second")

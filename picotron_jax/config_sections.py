@@ -277,3 +277,15 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 60  # a process silent this long is declared lost; the others stop (exit 3)
     step_timeout_s: int = 0  # no step (nor checkpoint save) finished for this long: stop (exit 3); 0 = off
     shutdown_timeout_s: int = 60  # at the end, how long a process waits for the others to finish
+
+
+@dataclass
+class DebugConfig:
+    """The distributed debugger (picotron_jax/debug/): breakpoints, replica checks, hang dumps, post-mortem."""
+
+    break_when: str = ""  # e.g. "loss > 5 and step > 100": inspect after the steps whose metrics satisfy it
+    break_timeout_s: int = 3600  # several processes: how long the others wait while process 0 inspects
+    check_every: int = 0  # every N steps: compare parameter/optimizer fingerprints across replicas; 0 = off
+    check_start: bool = True  # several processes: refuse to start unless config, code and program agree
+    recorder_size: int = 256  # entries in each process's flight recorder (dumped to RUN_DIR/debug/ on a hang)
+    save_on_crash: bool = False  # on an unexpected exception, also checkpoint the last good state

@@ -47,6 +47,8 @@ from picotron_jax.errors import UserError
 EXIT_PEER_LOST = 3  # exit code of a process stopped because another one was lost, failed or hung
 KEY_PREFIX = "picotron_watchdog/"  # heartbeat keys in the coordination service: KEY_PREFIX + process id
 LOOPBACK = ("127.", "localhost", "[::1]", "::1")
+# called as hook(watchdog, problem) on the watchdog thread before it stops the process (the debugger's hang dumps)
+DIE_HOOKS: list[Callable[[Any, str], None]] = []
 
 
 # ----------------------------------------------------------------------------------- start-up plan
@@ -303,6 +305,11 @@ class Watchdog:
         print(f"error: {problem}. Stopping process {self.me} (exit code {EXIT_PEER_LOST}).", file=sys.stderr,
               flush=True)
         self._stop.set()
+        for hook in list(DIE_HOOKS):
+            try:
+                hook(self, problem)
+            except Exception as exc:  # noqa: BLE001 - a failing hook must not keep the process alive
+                print(f"warning: {getattr(hook, '__qualname__', hook)} failed: {exc}", file=sys.stderr, flush=True)
         self._state, self._error = "failed", f"stopped because {problem}"
         self._publish(timeout_s=1.0)
         if self.me == 0 and self.n > 2:  # process 0 hosts the service: let the others read why before it goes

@@ -182,5 +182,9 @@ def launch(
     if first_failure is not None:
         i, rc = first_failure
         say(f"failed: process {i} {_describe(rc)} first" + (f"; its log: {logs[i].name}" if logs[i] else ""))
+        from picotron_jax.debug.hang import write_report_if_missing  # process 0 could not write it
+
+        if (written := write_report_if_missing(log_dir, num_processes)) is not None:
+            say(f"hang report written to {written}")
         return _code(rc)
     return 130 if interrupted else 0

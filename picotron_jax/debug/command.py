@@ -1,0 +1,44 @@
+"""`picotron-jax debug hang RUN_DIR`: print the hang report from the dumps in RUN_DIR/debug/;
+`picotron-jax debug nan RUN_DIR --step K`: replay step K and name the operation that first produced a NaN/inf."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("debug", help="the distributed debugger: hang reports")
+    what = p.add_subparsers(dest="debug_command", required=True)
+    h = what.add_parser("hang", help="print the hang report from RUN_DIR/debug/hang-p*.json (exit 1: no dumps)")
+    h.add_argument("run_dir", help="the run directory of the hung run")
+    n = what.add_parser("nan", help="replay step K from the checkpoint before it, checking every operation "
+                                    "(exit 1: the replayed step is finite)")
+    n.add_argument("run_dir", help="the run directory (config.yaml and checkpoints)")
+    n.add_argument("--step", type=int, required=True, help="the step whose loss or gradients became non-finite")
+
+
+def cmd_debug(args) -> int:
+    if args.debug_command == "nan":
+        return cmd_nan(args)
+    from picotron_jax.debug.hang import load_dumps, report
+
+    dumps = load_dumps(Path(args.run_dir))
+    if not dumps:
+        print(f"no hang dumps in {Path(args.run_dir) / 'debug'} (hang-p<process>.json are written when the "
+              f"watchdog stops a multi-process run)", file=sys.stderr)
+        return 1
+    print(report(dumps), end="")
+    return 0
+
+
+def cmd_nan(args) -> int:
+    from picotron_jax.debug.nan import replay_and_trace
+
+    origin = replay_and_trace(args.run_dir, args.step)
+    if origin is None:
+        print(f"step {args.step} is finite when replayed: the fault does not reproduce (transient: hardware, or a "
+              f"race), or it lies outside the step (data, host code)")
+        return 1
+    print(origin.describe())
+    return 0
