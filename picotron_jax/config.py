@@ -47,6 +47,7 @@ from picotron_jax.config_sections import (  # noqa: F401  (re-exported: callers 
     CLUSTERS,
     DistributedConfig,
 )
+from picotron_jax.config_sections import CURRICULUM_KINDS, CURRICULUM_PACINGS, CurriculumConfig  # noqa: F401
 
 
 
@@ -69,6 +70,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -272,3 +272,22 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 60  # a process silent this long is declared lost; the others stop (exit 3)
     step_timeout_s: int = 0  # no step (nor checkpoint save) finished for this long: stop (exit 3); 0 = off
     shutdown_timeout_s: int = 60  # at the end, how long a process waits for the others to finish
+
+
+CURRICULUM_KINDS = ("none", "seqlen")
+CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
+
+
+@dataclass
+class CurriculumConfig:
+    """Sequence-length warm-up (data/curriculum.py): short sequences first, DeepSpeed's pacing functions."""
+
+    kind: str = "none"  # none | seqlen (short -> long sequences)
+    pacing: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete (DeepSpeed's schedule_type)
+    start_seq_len: int = 0  # the first stage's length (DeepSpeed's min_difficulty); required for kind=seqlen
+    steps: int = 0  # steps to reach train.seq_len (DeepSpeed's total_curriculum_step); fixed_linear/fixed_root
+    seq_len_step: int = 8  # lengths are multiples of this (DeepSpeed's difficulty_step): fewer buckets, compiles
+    root_degree: int = 2  # fixed_root: the pacing is (step / steps) ** (1 / root_degree)
+    discrete_lengths: list[int] = field(default_factory=list)  # fixed_discrete: the lengths, e.g. [32, 64, 128]
+    discrete_steps: list[int] = field(default_factory=list)  # fixed_discrete: last step of each but the last length
+    constant_tokens: bool = True  # rebuild the batch as global_batch * seq_len / L rows of L; false = truncate rows
