@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.profile.command import add_parser as add_profile_parser
 
     add_profile_parser(sub, _add_config_args)
+    from picotron_jax.meta.command import add_parser as add_meta_parser
+
+    add_meta_parser(sub, _add_config_args)
     return parser
 
 
@@ -207,10 +210,17 @@ def cmd_profile(args) -> int:
     return run_profile(args, _load)
 
 
+def cmd_meta(args) -> int:
+    from picotron_jax.meta.command import cmd_meta as run_meta
+
+    return run_meta(args, _load)
+
+
 COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
             "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
             "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)
+COMMANDS["meta"] = cmd_meta
 
 
 def _in_multiprocess_run() -> bool:
