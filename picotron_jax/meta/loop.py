@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,9 +112,14 @@ def build_meta(cfg: Config, devices: list | None = None) -> MetaSetup:
 def curves(setup: MetaSetup, params: Any, lrs: Any, steps: int) -> list[float]:
     """Mean held-out query loss after 0 .. steps inner SGD steps (rates `lrs`) from `params`."""
     m = setup.cfg.meta
-    tasks = setup.tasks(EVAL_OFFSET, m.eval_tasks)
-    per_task = jax.jit(jax.vmap(lambda t: adaptation_curve(mse, params, t["support"], t["query"], lrs, steps)))
-    return [float(x) for x in np.asarray(per_task(tasks)).mean(axis=0)]
+    losses = _curves(params, lrs, setup.tasks(EVAL_OFFSET, m.eval_tasks), steps)
+    return [float(x) for x in np.asarray(losses).mean(axis=0)]
+
+
+@partial(jax.jit, static_argnums=3)
+def _curves(params: Any, lrs: Any, tasks: dict, steps: int) -> jax.Array:
+    """[tasks, steps + 1] query losses (one compile serves the meta-learned and the baseline initialisation)."""
+    return jax.vmap(lambda t: adaptation_curve(mse, params, t["support"], t["query"], lrs, steps))(tasks)
 
 
 def pretrain_baseline(setup: MetaSetup, gradient_evals: int) -> Any:
