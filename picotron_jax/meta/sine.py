@@ -39,8 +39,9 @@ def init_mlp(seed: int, hidden: int, dtype=jnp.float32) -> dict:
             "w3": dense(k3, hidden, 1), "b3": jnp.zeros((1,), dtype)}
 
 
-def mlp(params: dict, x_NK1: jax.Array) -> jax.Array:
-    h = jax.nn.relu(x_NK1 @ params["w1"] + params["b1"])
+def mlp(params: dict, x: jax.Array) -> jax.Array:
+    """The MLP on inputs x [..., 1] (any leading shape): outputs [..., 1]."""
+    h = jax.nn.relu(x @ params["w1"] + params["b1"])
     h = jax.nn.relu(h @ params["w2"] + params["b2"])
     return h @ params["w3"] + params["b3"]
 
