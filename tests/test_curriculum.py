@@ -95,6 +95,7 @@ def test_train_step_compiles_once_per_length_bucket_and_rows_log_the_stage():
     assert all(r["tokens"] == 8 * 16 for r in rows)  # constant tokens per step
 
 
+@pytest.mark.slow  # three trainers: about 30 s on an idle machine
 def test_resumed_curriculum_run_continues_the_same_stages_bitwise(tmp_path):
     cfg = tiny("single", "train.steps=6", *WARMUP, "curriculum.pacing=fixed_root", "checkpoint.require_lossless=true",
                "eval.tokens=256")
