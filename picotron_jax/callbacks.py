@@ -64,6 +64,10 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
     named = [named_callback(name, cfg) for name in cfg.logging.callbacks]
     main = jax.process_index() == 0
     out: list = []
+    if cfg.curriculum.kind == "seqlen":  # first: it replaces the batch reader the others wrap
+        from picotron_jax.data.curriculum import SeqLenWarmup
+
+        out.append(SeqLenWarmup(cfg))
     f = cfg.faults
     if f.in_step or f.sleep_step or f.hang_step or f.flip_step or f.slow_read_s > 0 or f.moe_collapse_step:
         out.append(FaultInjector(f, run_dir))

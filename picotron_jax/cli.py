@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.debug.command import add_parser as add_debug_parser
 
     add_debug_parser(sub)
+    from picotron_jax.meta.command import add_parser as add_meta_parser
+
+    add_meta_parser(sub, _add_config_args)
     return parser
 
 
@@ -222,6 +225,12 @@ def cmd_profile(args) -> int:
     return run_profile(args, _load)
 
 
+def cmd_meta(args) -> int:
+    from picotron_jax.meta.command import cmd_meta as run_meta
+
+    return run_meta(args, _load)
+
+
 COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tokenizer": cmd_tokenizer, "launch": cmd_launch,
             "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
             "generate": cmd_generate}
@@ -245,6 +254,7 @@ def cmd_debug(args) -> int:
 
 
 COMMANDS["debug"] = cmd_debug
+COMMANDS["meta"] = cmd_meta
 
 
 def _in_multiprocess_run() -> bool:

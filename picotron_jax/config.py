@@ -48,6 +48,8 @@ from picotron_jax.config_sections import (  # noqa: F401  (re-exported: callers 
     DistributedConfig,
     DebugConfig,
 )
+from picotron_jax.config_sections import CURRICULUM_KINDS, CURRICULUM_PACINGS, CurriculumConfig  # noqa: F401
+from picotron_jax.config_sections import META_TASKS, MetaConfig  # noqa: F401
 
 
 
@@ -71,6 +73,8 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

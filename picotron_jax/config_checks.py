@@ -238,6 +238,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_faults(cfg, sizes)
     validate_profile(cfg)
     validate_debug(cfg)
+    validate_curriculum(cfg, sizes)
     return sizes
 
 
@@ -402,3 +403,43 @@ def validate_debug(cfg: Config) -> None:
         value = getattr(d, name)
         _need(value >= 0, f"config field 'debug.{name}' = {value}: must be >= 0")
     _need(d.break_timeout_s >= 1, f"config field 'debug.break_timeout_s' = {d.break_timeout_s}: must be >= 1 second")
+def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
+    """The `curriculum` section: sequence-length warm-up (data/curriculum.py)."""
+    c, T = cfg.curriculum, cfg.train.seq_len
+    from picotron_jax.config_sections import CURRICULUM_KINDS, CURRICULUM_PACINGS
+
+    _need(c.kind in CURRICULUM_KINDS, f"config field 'curriculum.kind' = {c.kind!r}: valid values are "
+                                      f"{', '.join(CURRICULUM_KINDS)}")
+    if c.kind == "none":
+        return
+    _need(c.pacing in CURRICULUM_PACINGS, f"config field 'curriculum.pacing' = {c.pacing!r}: valid values are "
+                                          f"{', '.join(CURRICULUM_PACINGS)}")
+    _need(c.seq_len_step >= 1 and T % c.seq_len_step == 0,
+          f"config field 'curriculum.seq_len_step' = {c.seq_len_step}: must be >= 1 and divide train.seq_len = {T}")
+    _need(sizes["context"] == 1 and sizes["pipe"] == 1,
+          f"config field 'curriculum.kind' = {c.kind!r}: sequence-length warm-up runs without context or pipeline "
+          f"parallelism (mesh.context = {sizes['context']}, mesh.pipe = {sizes['pipe']}); set both to 1")
+    if c.pacing == "fixed_discrete":
+        lengths, steps = c.discrete_lengths, c.discrete_steps
+        _need(len(lengths) >= 1 and len(steps) == len(lengths) - 1,
+              f"config field 'curriculum.discrete_steps' = {steps}: fixed_discrete needs one step per length but the "
+              f"last (curriculum.discrete_lengths = {lengths}), e.g. discrete_lengths=[32,64,{T}] discrete_steps=[100,200]")
+        _need(all(a < b for a, b in zip(steps, steps[1:])) and all(s > 0 for s in steps),
+              f"config field 'curriculum.discrete_steps' = {steps}: must be positive and increasing")
+        _need(lengths[-1] == T, f"config field 'curriculum.discrete_lengths' = {lengths}: the last length must be "
+                                f"train.seq_len = {T}")
+        starts = lengths
+    else:
+        _need(c.steps >= 1, f"config field 'curriculum.steps' = {c.steps}: must be >= 1 (steps to reach "
+                            f"train.seq_len)")
+        _need(c.pacing != "fixed_root" or c.root_degree >= 1,
+              f"config field 'curriculum.root_degree' = {c.root_degree}: must be >= 1")
+        starts = [c.start_seq_len]
+    for L in starts:
+        where = "curriculum.discrete_lengths" if c.pacing == "fixed_discrete" else "curriculum.start_seq_len"
+        _need(0 < L <= T and L % c.seq_len_step == 0,
+              f"config field '{where}' = {L}: must be a multiple of curriculum.seq_len_step = {c.seq_len_step} "
+              f"in [{c.seq_len_step}, train.seq_len = {T}]")
+        _need(not c.constant_tokens or T % L == 0,
+              f"config field '{where}' = {L}: with curriculum.constant_tokens=true it must divide train.seq_len = "
+              f"{T} (each row of the full batch is cut into seq_len / L rows); e.g. {T // 2 ** max(0, (T // L).bit_length() - 1)}")

@@ -289,3 +289,45 @@ class DebugConfig:
     check_start: bool = True  # several processes: refuse to start unless config, code and program agree
     recorder_size: int = 256  # entries in each process's flight recorder (dumped to RUN_DIR/debug/ on a hang)
     save_on_crash: bool = False  # on an unexpected exception, also checkpoint the last good state
+CURRICULUM_KINDS = ("none", "seqlen")
+CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
+
+
+@dataclass
+class CurriculumConfig:
+    """Sequence-length warm-up (data/curriculum.py): short sequences first, DeepSpeed's pacing functions."""
+
+    kind: str = "none"  # none | seqlen (short -> long sequences)
+    pacing: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete (DeepSpeed's schedule_type)
+    start_seq_len: int = 0  # the first stage's length (DeepSpeed's min_difficulty); required for kind=seqlen
+    steps: int = 0  # steps to reach train.seq_len (DeepSpeed's total_curriculum_step); fixed_linear/fixed_root
+    seq_len_step: int = 8  # lengths are multiples of this (DeepSpeed's difficulty_step): fewer buckets, compiles
+    root_degree: int = 2  # fixed_root: the pacing is (step / steps) ** (1 / root_degree)
+    discrete_lengths: list[int] = field(default_factory=list)  # fixed_discrete: the lengths, e.g. [32, 64, 128]
+    discrete_steps: list[int] = field(default_factory=list)  # fixed_discrete: last step of each but the last length
+    constant_tokens: bool = True  # rebuild the batch as global_batch * seq_len / L rows of L; false = truncate rows
+
+
+META_TASKS = ("sine",)
+
+
+@dataclass
+class MetaConfig:
+    """Meta-learning (picotron_jax/meta, `picotron-jax meta`): tasks over mesh.data, the model over mesh.tensor
+    (and mesh.data with train.zero_stage=3); the outer optimizer is Adam."""
+
+    task: str = "sine"  # sine: sinusoid regression with a small MLP (Finn et al. 2017)
+    algorithm: str = "maml"  # maml (second order) | fomaml | reptile | metasgd (learned per-parameter inner LRs)
+    inner_steps: int = 1  # SGD steps on a task's support set
+    inner_lr: float = 0.01  # their learning rate (metasgd: the learned rates' initial value)
+    remat: bool = True  # rematerialise each inner step: memory does not grow with the inner steps' activations
+    steps: int = 1000  # outer (meta) steps
+    tasks_per_step: int = 8  # tasks in one meta-batch, split over mesh.data
+    k_support: int = 10  # points to adapt on
+    k_query: int = 10  # held-out points of the same task scoring the adapted model
+    outer_lr: float = 1.0e-3  # Adam
+    hidden: int = 40  # the sine MLP's hidden width
+    seed: int = 0
+    eval_tasks: int = 100  # held-out tasks of the adaptation curves
+    eval_steps: int = 10  # the curves: query loss after 0 .. eval_steps inner steps
+    log_every: int = 100
