@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_DEVICES ?= 8
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
 
-.PHONY: train test test-slow test-notebooks test-lowest notebooks bench install clean
+.PHONY: train test test-slow test-notebooks notebooks bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,6 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
-
-# the lowest versions pyproject.toml allows (every `>=` bound pinned with `==`), in their own venv, on a fast subset
-LOWEST_VENV := .venv-lowest
-test-lowest:
-	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
-	$(PYTHON) -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-	print('\n'.join(re.sub(r'>=', '==', d) for d in deps))" > $(LOWEST_VENV)/lowest.txt
-	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST_VENV)/lowest.txt -e . pytest pytest-timeout
-	$(LOWEST_VENV)/bin/python -m pytest -q tests/test_config.py tests/test_engine_review.py
 
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest -q -m notebooks
