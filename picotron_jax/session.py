@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from picotron_jax.checkpoint.finite import check_before_save
 from picotron_jax.checkpoint.manager import Checkpointer
 from picotron_jax.checkpoint.restore import default_location, read_meta, restore_train_state, split_location
 from picotron_jax.checkpoint.storage import open_store
@@ -166,6 +167,9 @@ class Session:
         if self.checkpointer is None:
             raise UserError("this trainer has no checkpoint folder: create it with a run_dir "
                             "(Trainer(cfg, run_dir=...)) or set checkpoint.dir")
+        if self.step_count in self.checkpointer.all_steps():
+            return self.checkpointer.step_dir(self.step_count), None
+        check_before_save(self)  # a non-finite state is never written (checkpoint/finite.py)
         blocked = self.checkpointer.save(self.state, {"tokens_seen": self.step_count * self.built.tokens_per_step,
                                                       "mesh": describe(self.built.mesh)})
         return self.checkpointer.step_dir(self.step_count), blocked

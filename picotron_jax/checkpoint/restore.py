@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from picotron_jax.checkpoint import quantize
+from picotron_jax.checkpoint.finite import state_is_finite
 from picotron_jax.checkpoint.manager import state_tree
 from picotron_jax.checkpoint.metadata import array_differences, leaf_names, model_differences
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
@@ -107,7 +108,10 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
     except Exception as exc:  # noqa: BLE001 - TensorStore/Orbax raise many types for damaged files
         silence_closed_loop_callbacks()
         raise UnreadableCheckpoint(f"its arrays cannot be read ({short_error(exc)})") from None
-    return type(abstract)(**quantize.decode(tree, target, quantization)), meta
+    state = type(abstract)(**quantize.decode(tree, target, quantization))
+    if not state_is_finite(state):
+        raise UnreadableCheckpoint("it holds NaN or infinite values (a diverged state)")
+    return state, meta
 
 
 def lossy_summary(quantization: dict) -> str:
