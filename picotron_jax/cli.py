@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", help="where config.yaml and metrics.jsonl go (default: logging.run_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run directory that holds one: its old contents are moved aside")
     p.add_argument("--resume-from", metavar="PATH",
                    help="continue from a checkpoint folder (its newest good step) or one step's folder (DIR/<step>)")
     p.add_argument("--from", dest="init_from", nargs=2, metavar=("hf", "PATH"),
@@ -103,7 +105,7 @@ def cmd_train(args) -> int:
         from picotron_jax.trainer import Trainer
 
         trainer = Trainer(cfg, run_dir, callbacks=[cluster.callback()], resume=args.resume,
-                          resume_from=args.resume_from, init_from_hf=init_from_hf)
+                          resume_from=args.resume_from, init_from_hf=init_from_hf, overwrite=args.overwrite)
         try:
             summary = trainer.run()
         finally:

@@ -46,11 +46,13 @@ class Trainer(session.Session):
     """A training run you can drive step by step; `picotron-jax train` is `Trainer(cfg, run_dir).run()`.
 
     `run_dir` None: nothing is written (no metrics.jsonl, no checkpoints unless checkpoint.dir is set).
+    A run directory belongs to one run (rundir.py): a new run into one that holds a run is refused unless
+    `overwrite` (the old contents are moved aside); a second trainer writing into it at once is refused.
     `callbacks`: extra loop callbacks, fired after the built-in ones and those named in the config."""
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, callbacks: list | tuple = (),
                  console: Console | None = None, resume: bool = False, resume_from: str | None = None,
-                 init_from_hf: str | None = None):
+                 init_from_hf: str | None = None, overwrite: bool = False):
         self._t_start = time.perf_counter()
         self.console = console or Console(soft_wrap=True)
         self.control = LoopControl()
@@ -58,7 +60,7 @@ class Trainer(session.Session):
         self.last_outputs: dict = {}  # the newest step's metrics, as device arrays
         self._flag = StopFlag()
         self._open(cfg, run_dir, lambda: CallbackList(build_callbacks(cfg, self.run_dir, callbacks)),
-                   resume, resume_from, init_from_hf)
+                   resume, resume_from, init_from_hf, overwrite)
 
     # ----------------------------------------------------------------------------- the loop
     def run(self, n: int | None = None) -> Summary:

@@ -31,6 +31,7 @@ def test_a_nan_between_logged_steps_is_caught_on_the_device_and_never_checkpoint
     resumed.close()
 
 
+@pytest.mark.slow
 def test_a_diverging_run_with_a_huge_learning_rate_writes_only_finite_checkpoints(tmp_path):
     cfg = tiny("single", "train.steps=30", "logging.every=20", "checkpoint.every=1", "checkpoint.keep=0",
                "checkpoint.async_save=false", "optimizer.lr=1e30", "optimizer.warmup_steps=0",

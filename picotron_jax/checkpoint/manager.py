@@ -103,8 +103,12 @@ class Checkpointer:
             codecs.register(self.store.local_root, self._plan)
         compression = meta_lib.compression_entry(c.codec, self._plan, stored, self._selection)
         meta = meta_lib.build(step, self.cfg, tree, extra_meta, stored, compression, quantization)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(stored),
-                                                         meta=ocp.args.JsonSave(meta)))
+        saved = self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(stored),
+                                                                 meta=ocp.args.JsonSave(meta)))
+        if not saved:  # Orbax skips a step older than the folder's newest: say so, never report it complete
+            newest = max(self._manager.all_steps(), default=None)
+            self._say(f"checkpoint {step} not saved: {self.store.url} already holds newer step {newest}")
+            return None
         if not self.cfg.checkpoint.async_save:
             self._manager.wait_until_finished()
         blocked = time.perf_counter() - t0
@@ -140,6 +144,10 @@ class Checkpointer:
                 with open(self._log_path, "a") as f:
                     f.write(json.dumps(event) + "\n")
         self._pending.clear()
+
+    def reload(self) -> None:
+        """Re-read the folder's steps (after a restore moved unusable ones aside)."""
+        self._manager.reload()
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())

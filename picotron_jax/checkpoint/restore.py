@@ -122,9 +122,12 @@ def lossy_summary(quantization: dict) -> str:
 
 def restore_train_state(location: str, abstract: Any, shardings: Any, cfg: Config,
                         say: Callable[[str], None] = print,
-                        store: CheckpointStore | None = None) -> tuple[Any, dict, str]:
+                        store: CheckpointStore | None = None,
+                        set_aside_unusable: bool = False) -> tuple[Any, dict, str]:
     """Newest readable checkpoint under `location` (a checkpoint folder), or exactly `location/<step>`.
 
+    `set_aside_unusable` (a run resuming to train on): the unusable newer steps are moved aside
+    (storage.set_aside), so they are saved again and do not count toward `keep`.
     Returns (train state, its metadata, where it was read from)."""
     root, step = split_location(location)
     if store is None:
@@ -141,15 +144,26 @@ def restore_train_state(location: str, abstract: Any, shardings: Any, cfg: Confi
     if not steps:
         raise UserError(f"no checkpoint in {root}; start without --resume, or point checkpoint.dir / --resume-from "
                         f"at a folder that holds one")
-    failures = []
+    failures, unusable = [], []
     for candidate in reversed(steps):
         try:
-            return (*restore_step(store.fetch(candidate), abstract, shardings, cfg), store.describe(candidate))
+            restored = (*restore_step(store.fetch(candidate), abstract, shardings, cfg), store.describe(candidate))
         except UnreadableCheckpoint as exc:
             failures.append(f"step {candidate}: {exc}")
+            unusable.append(candidate)
             older = [s for s in steps if s < candidate]
             nxt = f"falling back to step {older[-1]}" if older else "no older checkpoint"
             say(f"checkpoint {store.describe(candidate)} is unusable, {exc}; {nxt}")
+            continue
+        if set_aside_unusable and jax.process_index() == 0:  # the run re-saves those steps when it gets there
+            for bad in unusable:
+                if (moved := store.set_aside(bad)) is not None:
+                    say(f"checkpoint: moved unusable step {bad} aside to {moved}; it is saved again at step {bad}")
+        if set_aside_unusable and unusable and jax.process_count() > 1:  # the others see the moves
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint set_aside")
+        return restored
     raise UserError(f"no usable checkpoint in {root}: " + "; ".join(failures))
 
 

@@ -71,6 +71,19 @@ class CheckpointStore:
     def describe(self, step: int) -> str:
         return str(self.local_root / str(step))
 
+    def set_aside(self, step: int) -> str | None:
+        """Move an unusable step out of the way (`<step>.corrupt`, `.corrupt-2`, ...): it no longer counts as a
+        step (nor toward `keep`) and the step is saved again when training reaches it. Local folders only."""
+        folder = self.local_root / str(step)
+        if not self.is_local or not folder.is_dir():
+            return None
+        target, n = folder.with_name(f"{step}.corrupt"), 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"{step}.corrupt-{n}")
+        folder.rename(target)
+        return str(target)
+
 
 def s3_kvstore_spec(url: str) -> dict:
     """TensorStore `s3` kvstore spec for s3://bucket/prefix, endpoint and region from the AWS environment."""
