@@ -74,8 +74,9 @@ class Trainer(session.Session):
         self.control.stop_reason = ""
         self.callbacks.fire("on_run_start", self)
         batches = None
-        try:
-            with stop_on_signals(self._flag):
+        # signals are handled until on_run_end is done: a SIGTERM during the final save does not kill it
+        with stop_on_signals(self._flag):
+            try:
                 batches = self._batches(end)
                 while self.step_count < end:
                     self._advance(next(batches), summary, last=self.step_count + 1 == end)
@@ -85,19 +86,21 @@ class Trainer(session.Session):
                     if self._flag.requested or self.control.stop_reason:
                         summary.stopped_early = self._flag.reason or self.control.stop_reason
                         break
-            if not summary.stopped_early and self.step_count == end:
-                summary.stopped_early = "train.stop_at_step" if n is None and end == stop_at else ""
-                if self.cfg.eval.enabled and self._last_eval != self.step_count:
-                    self._evaluate(summary)
-            jax.block_until_ready(self.state)
-        except BaseException as exc:
-            summary.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            if batches is not None:
-                batches.close()
-            self._finish(summary, t0)
-            self.callbacks.fire("on_run_end", self, summary)
+                if not summary.stopped_early and self.step_count == end:
+                    summary.stopped_early = "train.stop_at_step" if n is None and end == stop_at else ""
+                    if self.cfg.eval.enabled and self._last_eval != self.step_count:
+                        self._evaluate(summary)
+                jax.block_until_ready(self.state)
+            except BaseException as exc:
+                summary.error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                if batches is not None:
+                    batches.close()
+                if self._flag.requested and self._flag.reason and summary.stopped_early in ("", "train.stop_at_step"):
+                    summary.stopped_early = self._flag.reason  # a signal after the loop's last check
+                self._finish(summary, t0)
+                self.callbacks.fire("on_run_end", self, summary)
         return summary
 
     def step(self) -> dict:
