@@ -2,7 +2,8 @@
 pipeline-schedule, profile.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
-multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 130 interrupted.
+multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 5 a disk is full
+(the previous checkpoint is intact), 130 interrupted (Ctrl-C; the step it stopped after is saved).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from picotron_jax.checkpoint import commands as checkpoint_commands
-from picotron_jax.errors import RunAborted, UserError
+from picotron_jax.errors import DiskFull, RunAborted, UserError, is_disk_full
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -245,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return _exit_code(exc.exit_code)
+    except DiskFull as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return _exit_code(exc.exit_code)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"error: disk full writing {exc.filename or 'a file'}: {exc.strerror or exc}; free space there "
+              f"(or write elsewhere), then --resume", file=sys.stderr)
+        return _exit_code(DiskFull.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return _exit_code(130)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -152,15 +151,3 @@ def truncate_to_step(run_dir: Path, step: int) -> list[str]:
             os.replace(tmp, path)
             changed.append(name)
     return changed
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT / EFBIG anywhere in the exception's chain."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False

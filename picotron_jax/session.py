@@ -18,7 +18,7 @@ from picotron_jax import rundir
 from picotron_jax.checkpoint.finite import check_before_save
 from picotron_jax.checkpoint.manager import Checkpointer
 from picotron_jax.checkpoint.restore import default_location, read_meta, restore_train_state, split_location
-from picotron_jax.checkpoint.storage import open_store
+from picotron_jax.checkpoint.storage import check_location, open_store
 from picotron_jax.config import Config, config_from_dict, load_config, save_config
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import describe
@@ -41,8 +41,10 @@ class Session:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._lock = None
         new_run = not (resume or resume_from)
+        if (early := self._checkpoint_location()) is not None:
+            check_location(early)
         if self.run_dir is not None and jax.process_index() == 0:  # rundir.py: one run per directory
-            rundir.check_run_dir(self.run_dir, new_run, overwrite, self._checkpoint_location())
+            rundir.check_run_dir(self.run_dir, new_run, overwrite, early)
         self.built = build_run(cfg)
         self.built.train_step  # noqa: B018 - builds the step now: its checks run before anything is written
         self.callbacks = make_callbacks()

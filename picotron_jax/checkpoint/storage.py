@@ -190,11 +190,16 @@ def retained(steps: list[int], keep: int, keep_every: int) -> set[int]:
     return set(newest) | {s for s in steps if keep_every > 0 and s % keep_every == 0}
 
 
-def open_store(url: str, keep: int = 0, keep_every: int = 0) -> CheckpointStore:
-    if url.startswith("s3://"):
-        return S3Store(url, keep, keep_every)
-    if "://" in url and not url.startswith("gs://"):
+def check_location(url: str) -> None:
+    """UserError for a checkpoint location of an unsupported scheme (checked before anything is written)."""
+    if "://" in url and not url.startswith(("gs://", "s3://")):
         scheme = url.split("://")[0]
         raise UserError(f"checkpoint path {url!r}: scheme {scheme}:// is not supported; use a local path, gs:// or "
                         f"s3:// (HDFS: mount it, e.g. with HDFS NFS Gateway or fuse-dfs, and give the mounted path)")
+
+
+def open_store(url: str, keep: int = 0, keep_every: int = 0) -> CheckpointStore:
+    check_location(url)
+    if url.startswith("s3://"):
+        return S3Store(url, keep, keep_every)
     return CheckpointStore(url)
