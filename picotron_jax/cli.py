@@ -25,6 +25,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="picotron-jax", description="4D-parallel LLM training on a JAX mesh")
+    from picotron_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"picotron-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model")

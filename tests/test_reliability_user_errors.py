@@ -26,6 +26,7 @@ CASES = {
     "lr_nan": (None, [*BASE, "--run-dir", "{t}/run", "optimizer.lr=nan"], "optimizer.lr"),
     "unknown_field": (None, [*BASE, "--run-dir", "{t}/run", "model.nope=1"], "model.nope"),
     "resume_without_checkpoint": (None, [*BASE, "--run-dir", "{t}/run", "--resume"], "no checkpoint"),
+    "mesh_limited_by_num_devices": (None, [*BASE, "--run-dir", "{t}/run", "mesh.data=2"], "mesh.num_devices"),
     "used_run_dir": (prepare_used, [*BASE, "--run-dir", "{t}/run"], "already holds a run"),
 }
 

@@ -80,6 +80,9 @@ class Checkpointer:
         self.cfg = cfg
         self.every = cfg.checkpoint.every
         quiet_disk_full_logs()
+        from picotron_jax.checkpoint.restore import silence_closed_loop_callbacks
+
+        silence_closed_loop_callbacks()  # after a failed write the other writes end in 'Event loop is closed' noise
         self.store: CheckpointStore = open_store(str(directory), cfg.checkpoint.keep, cfg.checkpoint.keep_every)
         self._say = say
         self._log_path = log_path
@@ -201,9 +204,6 @@ class Checkpointer:
         """A failed write for lack of space becomes DiskFull, after its temporary folders are removed."""
         if not is_disk_full(exc):
             return
-        from picotron_jax.checkpoint.restore import silence_closed_loop_callbacks
-
-        silence_closed_loop_callbacks()  # Orbax's other writes end with 'Event loop is closed' noise
         if jax.process_index() == 0:
             for leftover in self.store.unfinished():
                 shutil.rmtree(leftover, ignore_errors=True)

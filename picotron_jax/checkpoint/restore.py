@@ -72,6 +72,14 @@ def silence_closed_loop_callbacks() -> None:
 
     hook.__picotron_quiet__ = True
     sys.unraisablehook = hook
+    previous_excepthook = sys.excepthook  # TensorStore's callbacks print theirs with PyErr_Print (sys.excepthook)
+
+    def excepthook(kind, value, tb):
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous_excepthook(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def _target(abstract: Any, shardings: Any) -> Any:
