@@ -4,6 +4,7 @@ the folder is copied out before the namespace ends, so the test can read what wa
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,18 @@ def test_a_first_save_that_does_not_fit_ends_with_one_line_and_leaves_no_tempora
     assert len(lines) == 1 and "disk full" in lines[0] and "Traceback" not in out + err, err
     leftovers = list((copy / "checkpoints").iterdir()) if (copy / "checkpoints").is_dir() else []
     assert not [p for p in leftovers if "tmp" in p.name or p.name.isdigit()], leftovers
+
+
+def test_any_write_that_fails_with_enospc_ends_the_command_in_one_line_with_exit_5(monkeypatch, capsys):
+    import errno
+
+    from picotron_jax import cli
+
+    def full(args):
+        with open(os.devnull, "w"):
+            raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", full)
+    assert cli.main(["train"]) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk full writing runs/x/metrics.jsonl" in err

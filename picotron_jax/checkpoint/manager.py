@@ -195,7 +195,7 @@ class Checkpointer:
         previous = [s for s in self._manager.all_steps() if s != step]
         kept = (f"the previous checkpoint {self.store.describe(max(previous))} is intact" if previous
                 else "no earlier checkpoint exists")
-        need = f" needs about {meta_lib.human_bytes(needed)}," if needed else ""
+        need = f" (needs about {meta_lib.human_bytes(needed)})" if needed else ""
         have = f" {meta_lib.human_bytes(free)} free" if free is not None else ""
         return (f"disk full: {self.store.local_root} ({have.strip() or 'no space left'}); the checkpoint of step "
                 f"{step}{need} not saved; {kept}. Free space or set checkpoint.dir to a larger disk, then --resume")
