@@ -151,3 +151,42 @@ def truncate_to_step(run_dir: Path, step: int) -> list[str]:
             os.replace(tmp, path)
             changed.append(name)
     return changed
+
+
+DEFAULT = "runs/latest"  # logging.run_dir's default: each run gets its own folder, runs/latest links the newest
+
+
+def default_run_dir(config_arg: str | None, resume: bool, root: Path = Path("runs"), shared: bool = False) -> Path:
+    """The run directory of a `train` without --run-dir and logging.run_dir: `runs/<preset>-<time>` for a new
+    run (unique: a suffix -2, -3, ... if taken), the run `runs/latest` points at for --resume. `shared` (several
+    processes): process 0 picks the time and suffix and every process gets the same folder."""
+    latest = root / "latest"
+    if resume:
+        return latest.resolve() if latest.is_symlink() else latest
+    name = Path(config_arg).stem if config_arg else "default"
+    stamp, n = int(time.time()), 1
+
+    def candidate() -> Path:
+        base = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}"
+        return root / (base if n == 1 else f"{base}-{n}")
+
+    while candidate().exists() or candidate().is_symlink():
+        n += 1
+    if shared:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        stamp, n = (int(v) for v in multihost_utils.broadcast_one_to_all(np.array([stamp, n], np.int64)))
+    return candidate()
+
+
+def point_latest(run_dir: Path, root: Path = Path("runs")) -> str:
+    """Make `runs/latest` a link to `run_dir` (atomically); returns a line to print when it cannot."""
+    latest = root / "latest"
+    if latest.exists() and not latest.is_symlink():
+        return f"note: {latest} is a directory (an older layout), so it does not point at {run_dir}"
+    tmp = root / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(run_dir.resolve(), root.resolve()), tmp)
+    os.replace(tmp, latest)
+    return ""

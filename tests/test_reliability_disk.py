@@ -64,6 +64,7 @@ def test_a_disk_that_fills_up_ends_with_one_line_exit_5_and_the_previous_checkpo
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+@pytest.mark.slow
 def test_a_first_save_that_does_not_fit_ends_with_one_line_and_leaves_no_temporary_folder(tmp_path, tmpfs_ok):
     code, out, err, copy = train_on_tmpfs(tmp_path, "200k")
     assert code == 5, (out, err)

@@ -109,3 +109,18 @@ def test_metrics_rows_are_unique_after_three_resumes(tmp_path):
         trainer.run(n)
         trainer.close()
     assert steps_of(tmp_path) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_default_run_directories_are_one_per_run_and_runs_latest_links_the_newest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    plain = ["train", "--config", "single", *TINY, "checkpoint.every=1", "checkpoint.async_save=false"]
+    assert main([*plain, "train.steps=1"]) == 0
+    assert main([*plain, "train.steps=1"]) == 0  # no refusal: a folder of its own
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    assert len(runs) == 2 and all(p.name.startswith("single-") for p in runs)
+    newest = max(runs, key=lambda p: p.stat().st_mtime_ns)
+    assert (tmp_path / "runs" / "latest").is_symlink() and (tmp_path / "runs" / "latest").resolve() == newest
+    capsys.readouterr()
+    assert main([*plain, "train.steps=2", "--resume"]) == 0  # continues the newest run, in its folder
+    assert "at step 1" in capsys.readouterr().out and on_disk(newest) == [1, 2] and steps_of(newest) == [1, 2]

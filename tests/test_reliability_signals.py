@@ -77,6 +77,7 @@ def test_sigterm_stops_with_a_checkpoint_and_a_second_run_into_its_directory_is_
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_sigint_between_logged_steps_still_saves_its_step(tmp_path):
     code, out = signalled_run(tmp_path / "run", signal.SIGINT, 0.3, 20)
     check_stop(tmp_path / "run", signal.SIGINT, code, out, 20)
