@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/picotron-jax train --config meshes/default.yaml --run-dir runs/default
+	$(BIN)/picotron-jax train --config meshes/default.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
