@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from picotron_jax.callback import Callback
 from picotron_jax.errors import RunAborted
@@ -57,14 +58,14 @@ class NonFiniteGuard(Callback):
         self._first_bad = None  # device int32 scalar: 0 = every step so far was finite
 
     def on_run_start(self, trainer):
-        self._first_bad = jnp.zeros((), jnp.int32)
+        self._first_bad = np.zeros((), np.int32)  # a host value: fine for every layout and process count
         self._fp16 = trainer.cfg.precision.mode == "fp16"
 
     def on_step_end(self, trainer, step, outputs):
         if self._first_bad is None or "loss" not in outputs:
             return
         grad_norm = outputs["loss"] if self._fp16 or "grad_norm" not in outputs else outputs["grad_norm"]
-        self._first_bad = _fold(self._first_bad, jnp.int32(step), outputs["loss"], grad_norm)
+        self._first_bad = _fold(self._first_bad, np.int32(step), outputs["loss"], grad_norm)
 
     def on_log(self, trainer, row):
         self.check()
