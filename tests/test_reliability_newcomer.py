@@ -26,13 +26,15 @@ def test_mesh_hint_names_mesh_num_devices_when_the_preset_limits_the_devices():
         cfg.validate()
 
 
-def test_export_writes_a_byte_tokenizer_autotokenizer_loads_and_a_readable_safetensors(tmp_path):
+def test_export_writes_a_byte_tokenizer_autotokenizer_loads_and_a_readable_safetensors(tmp_path, caplog):
     transformers = pytest.importorskip("transformers")
     trainer = pj.Trainer(tiny("single", "train.steps=1", "checkpoint.async_save=false"), tmp_path / "run")
     trainer.run()
     trainer.save()
     trainer.close()
+    caplog.clear()
     out = export_to_hf(tmp_path / "run" / "checkpoints" / "1", tmp_path / "hf")
+    assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]  # no absl warning per read
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     text = "héllo wörld\n  x"

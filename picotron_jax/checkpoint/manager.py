@@ -38,11 +38,15 @@ from picotron_jax.errors import DiskFull, is_disk_full
 
 class _DropDiskFullLogs(logging.Filter):
     """Orbax's background threads log a full disk as ERROR with a traceback each (dozens of lines); the
-    checkpointer reports it in one line (DiskFull), so exactly those records are dropped."""
+    checkpointer reports it in one line (DiskFull), so exactly those records are dropped. So is the warning
+    about a missing `<step>/meta/_CHECKPOINT_METADATA` that every checkpoint read printed."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
+        message = record.getMessage()
+        if message.startswith("Metadata file does not exist") and message.endswith("_CHECKPOINT_METADATA"):
+            return False  # every read of a step's `meta` item looks for it one folder too deep: harmless
+        return not (is_disk_full(exc) or "No space left on device" in message)
 
 
 def quiet_disk_full_logs() -> None:

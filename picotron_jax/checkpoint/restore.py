@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from picotron_jax.checkpoint import quantize
 from picotron_jax.checkpoint.finite import state_is_finite
-from picotron_jax.checkpoint.manager import state_tree
+from picotron_jax.checkpoint.manager import quiet_disk_full_logs, state_tree
 from picotron_jax.checkpoint.metadata import array_differences, leaf_names, model_differences
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
@@ -42,6 +42,7 @@ def split_location(path: str) -> tuple[str, int | None]:
 
 
 def read_meta(step_dir: Any) -> dict:
+    quiet_disk_full_logs()
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
     except Exception as exc:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
