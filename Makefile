@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # 8 virtual CPU devices, so the 8-device layouts run on a machine without accelerators.
 CPU_DEVICES ?= 8
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
+# Merged into XLA_FLAGS the user already has (e.g. --xla_dump_to=...), as `launch` and `memory` do; a device
+# count already there is kept.
+ifeq ($(findstring --xla_force_host_platform_device_count,$(XLA_FLAGS)),)
+export XLA_FLAGS := $(strip $(XLA_FLAGS) --xla_force_host_platform_device_count=$(CPU_DEVICES))
+endif
 
 .PHONY: train test test-slow test-notebooks notebooks bench install clean
 
@@ -18,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/picotron-jax train --config meshes/default.yaml --run-dir runs/default
+	$(BIN)/picotron-jax train --config meshes/default.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 
 from picotron_jax.callback import Callback
+from picotron_jax.checkpoint.finite import NonFiniteGuard
 from picotron_jax.checkpoint.saver import CheckpointSaver
 from picotron_jax.config import Config
 from picotron_jax.errors import UserError
@@ -78,6 +79,7 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         from picotron_jax.data.stats import DataStats
 
         out.append(DataStats())
+    out.append(NonFiniteGuard())  # every step's loss and gradient norm, checked on the device
     out.append(CheckpointSaver())  # before the console: the final save is reported before the summary
     if main and run_dir is not None:
         out.append(MetricsFile(run_dir / "metrics.jsonl"))

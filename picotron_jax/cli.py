@@ -2,7 +2,8 @@
 pipeline-schedule, profile.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
-multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 130 interrupted.
+multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 5 a disk is full
+(the previous checkpoint is intact), 130 interrupted (Ctrl-C; the step it stopped after is saved).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from picotron_jax.checkpoint import commands as checkpoint_commands
-from picotron_jax.errors import RunAborted, UserError
+from picotron_jax.errors import DiskFull, RunAborted, UserError, is_disk_full
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -24,12 +25,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="picotron-jax", description="4D-parallel LLM training on a JAX mesh")
+    from picotron_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"picotron-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model")
     _add_config_args(p)
-    p.add_argument("--run-dir", help="where config.yaml and metrics.jsonl go (default: logging.run_dir)")
+    p.add_argument("--run-dir", help="where config.yaml and metrics.jsonl go (default: logging.run_dir; if that is "
+                   "unset, a new runs/<preset>-<time> per run, with runs/latest linking the newest)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run directory that holds one: its old contents are moved aside")
     p.add_argument("--resume-from", metavar="PATH",
                    help="continue from a checkpoint folder (its newest good step) or one step's folder (DIR/<step>)")
     p.add_argument("--from", dest="init_from", nargs=2, metavar=("hf", "PATH"),
@@ -103,9 +110,11 @@ def _cluster(cfg):
 
 def cmd_train(args) -> int:
     """A thin wrapper over the Python API: `Trainer(cfg, run_dir).run()` (trainer.py)."""
+    from picotron_jax import rundir
+
     cfg = _load(args)
+    auto = not args.run_dir and cfg.logging.run_dir == rundir.DEFAULT  # each run its own folder, runs/latest links it
     run_dir = Path(args.run_dir or cfg.logging.run_dir)
-    cfg.logging.run_dir = str(run_dir)
     from picotron_jax.observe.memory import apply_allocator_settings
 
     if warning := apply_allocator_settings(cfg.memory):
@@ -114,8 +123,13 @@ def cmd_train(args) -> int:
     with _cluster(cfg) as cluster:
         from picotron_jax.trainer import Trainer
 
+        if auto:  # the same new folder on every process: process 0 picks it
+            run_dir = rundir.default_run_dir(args.config, args.resume, shared=cluster.num_processes > 1)
+        cfg.logging.run_dir = str(run_dir)
         trainer = Trainer(cfg, run_dir, callbacks=[cluster.callback()], resume=args.resume,
-                          resume_from=args.resume_from, init_from_hf=init_from_hf)
+                          resume_from=args.resume_from, init_from_hf=init_from_hf, overwrite=args.overwrite)
+        if auto and cluster.process_id == 0 and (note := rundir.point_latest(run_dir)):
+            print(note, file=sys.stderr)
         try:
             summary = trainer.run()
         finally:
@@ -171,6 +185,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_launch(args) -> int:
+    from picotron_jax import rundir
     from picotron_jax.launch import launch
 
     command = list(args.command_args)
@@ -182,6 +197,9 @@ def cmd_launch(args) -> int:
     child_args, extra = build_parser().parse_known_args(command)
     cfg = _load_child_config(child_args, extra)
     run_dir = Path(getattr(child_args, "run_dir", None) or cfg.logging.run_dir)
+    if command[0] == "train" and not child_args.run_dir and cfg.logging.run_dir == rundir.DEFAULT:
+        run_dir = rundir.default_run_dir(child_args.config, child_args.resume)  # one folder for all processes
+        command = [command[0], "--run-dir", str(run_dir), *command[1:]]
     grace = args.grace if args.grace is not None else cfg.distributed.heartbeat_timeout_s + 10
     return launch(args.num_processes, command, run_dir, args.devices_per_process, grace)
 
@@ -287,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return _exit_code(exc.exit_code)
+    except DiskFull as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return _exit_code(exc.exit_code)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"error: disk full writing {exc.filename or 'a file'}: {exc.strerror or exc}; free space there "
+              f"(or write elsewhere), then --resume", file=sys.stderr)
+        return _exit_code(DiskFull.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return _exit_code(130)

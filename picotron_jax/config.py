@@ -273,6 +273,12 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     product = math.prod(sizes.values())
     if product != num_devices:
         shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        if mesh.num_devices and mesh.num_devices == num_devices:  # the preset limits the devices: the real cause
+            raise UserError(
+                f"mesh {shape} has {product} devices but config field 'mesh.num_devices' = {mesh.num_devices} "
+                f"limits the run to {num_devices}; set mesh.num_devices={product} (or 0: all visible devices), or "
+                f"make the axis sizes multiply to {num_devices}"
+            )
         raise UserError(
             f"mesh {shape} has {product} devices but the run uses {num_devices}; "
             f"make the axis sizes multiply to {num_devices} (or set one axis to -1); on a CPU-only machine "

@@ -159,6 +159,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     _need(m.scan_unroll >= 1, f"config field 'model.scan_unroll' = {m.scan_unroll}: must be >= 1")
     _need(t.steps > 0, f"config field 'train.steps' = {t.steps}: must be positive")
     _need(t.seq_len > 0, f"config field 'train.seq_len' = {t.seq_len}: must be positive")
+    _need(t.global_batch > 0, f"config field 'train.global_batch' = {t.global_batch}: must be positive")
     _need(t.zero_stage in (0, 1, 3),
           f"config field 'train.zero_stage' = {t.zero_stage}: valid values are 0 (plain DP), 1 (optimizer "
           f"state sharded over data), 3 (parameters too, FSDP)")
@@ -239,7 +240,22 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_profile(cfg)
     validate_debug(cfg)
     validate_curriculum(cfg, sizes)
+    validate_finite(cfg)
     return sizes
+
+
+def validate_finite(cfg: Config) -> None:
+    """Every float field of every section is a finite number (optimizer.lr=inf is refused by name)."""
+    import dataclasses
+
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for f in dataclasses.fields(value):
+            x = getattr(value, f.name)
+            if isinstance(x, float) and not math.isfinite(x):
+                raise UserError(f"config field '{section.name}.{f.name}' = {x}: must be a finite number")
 
 
 def validate_profile(cfg: Config) -> None:

@@ -14,9 +14,11 @@ from typing import Any
 
 import jax
 
+from picotron_jax import rundir
+from picotron_jax.checkpoint.finite import check_before_save
 from picotron_jax.checkpoint.manager import Checkpointer
 from picotron_jax.checkpoint.restore import default_location, read_meta, restore_train_state, split_location
-from picotron_jax.checkpoint.storage import open_store
+from picotron_jax.checkpoint.storage import check_location, open_store
 from picotron_jax.config import Config, config_from_dict, load_config, save_config
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import describe
@@ -34,9 +36,15 @@ class Session:
     run_dir: Path | None
 
     def _open(self, cfg: Config, run_dir, make_callbacks, resume: bool, resume_from: str | None,
-              init_from_hf: str | None) -> None:
+              init_from_hf: str | None, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._lock = None
+        new_run = not (resume or resume_from)
+        if (early := self._checkpoint_location()) is not None:
+            check_location(early)
+        if self.run_dir is not None and jax.process_index() == 0:  # rundir.py: one run per directory
+            rundir.check_run_dir(self.run_dir, new_run, overwrite, early)
         self.built = build_run(cfg)
         self.built.train_step  # noqa: B018 - builds the step now: its checks run before anything is written
         self.callbacks = make_callbacks()
@@ -56,6 +64,12 @@ class Session:
         else:
             self.state = init_train_state(cfg, self.built.setup)
         self.step_count = int(self.state.step)
+        if self.run_dir is not None and jax.process_index() == 0:
+            if new_run and overwrite:
+                rundir.move_aside(self.run_dir, location, self.say)
+            self._lock = rundir.RunLock(self.run_dir, self.say)
+            if not new_run and (dropped := rundir.truncate_to_step(self.run_dir, self.step_count)):
+                self.say(f"resumed at step {self.step_count}: dropped the rows past it from {', '.join(dropped)}")
         self.checkpointer = None if location is None else self._checkpointer(location)
         self._rows = StepRows(cfg, self.built.devices, self.peak_flops, self._t_start)
         if self.run_dir is not None and self.built.is_main:
@@ -152,7 +166,9 @@ class Session:
                             "checkpoint.dir")
         store = self.checkpointer.store if fallback and getattr(self, "checkpointer", None) else None
         state, _, where = restore_train_state(location, self.built.setup.abstract, self.built.setup.shardings, self.cfg,
-                                              self.say, store)
+                                              self.say, store, set_aside_unusable=fallback and self.run_dir is not None)
+        if store is not None:
+            self.checkpointer.reload()
         self.state = state
         self.say(f"resumed from {where} at step {int(state.step)}")
         if state.loss_scale is not None:  # fp16: promotions are re-derived from the saved overflow counts
@@ -166,6 +182,9 @@ class Session:
         if self.checkpointer is None:
             raise UserError("this trainer has no checkpoint folder: create it with a run_dir "
                             "(Trainer(cfg, run_dir=...)) or set checkpoint.dir")
+        if self.step_count in self.checkpointer.all_steps():
+            return self.checkpointer.step_dir(self.step_count), None
+        check_before_save(self)  # a non-finite state is never written (checkpoint/finite.py)
         blocked = self.checkpointer.save(self.state, {"tokens_seen": self.step_count * self.built.tokens_per_step,
                                                       "mesh": describe(self.built.mesh)})
         return self.checkpointer.step_dir(self.step_count), blocked
@@ -192,9 +211,14 @@ class Session:
     def close(self) -> None:
         """Release files and background threads (waits for checkpoint writes)."""
         self.callbacks.fire("on_close", self)
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-            self.checkpointer = None
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+                self.checkpointer = None
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self):
         return self

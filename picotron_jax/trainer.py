@@ -46,11 +46,13 @@ class Trainer(session.Session):
     """A training run you can drive step by step; `picotron-jax train` is `Trainer(cfg, run_dir).run()`.
 
     `run_dir` None: nothing is written (no metrics.jsonl, no checkpoints unless checkpoint.dir is set).
+    A run directory belongs to one run (rundir.py): a new run into one that holds a run is refused unless
+    `overwrite` (the old contents are moved aside); a second trainer writing into it at once is refused.
     `callbacks`: extra loop callbacks, fired after the built-in ones and those named in the config."""
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, callbacks: list | tuple = (),
                  console: Console | None = None, resume: bool = False, resume_from: str | None = None,
-                 init_from_hf: str | None = None):
+                 init_from_hf: str | None = None, overwrite: bool = False):
         self._t_start = time.perf_counter()
         self.console = console or Console(soft_wrap=True)
         self.control = LoopControl()
@@ -58,7 +60,7 @@ class Trainer(session.Session):
         self.last_outputs: dict = {}  # the newest step's metrics, as device arrays
         self._flag = StopFlag()
         self._open(cfg, run_dir, lambda: CallbackList(build_callbacks(cfg, self.run_dir, callbacks)),
-                   resume, resume_from, init_from_hf)
+                   resume, resume_from, init_from_hf, overwrite)
 
     # ----------------------------------------------------------------------------- the loop
     def run(self, n: int | None = None) -> Summary:
@@ -72,8 +74,9 @@ class Trainer(session.Session):
         self.control.stop_reason = ""
         self.callbacks.fire("on_run_start", self)
         batches = None
-        try:
-            with stop_on_signals(self._flag):
+        # signals are handled until on_run_end is done: a SIGTERM during the final save does not kill it
+        with stop_on_signals(self._flag):
+            try:
                 batches = self._batches(end)
                 while self.step_count < end:
                     self._advance(next(batches), summary, last=self.step_count + 1 == end)
@@ -83,19 +86,21 @@ class Trainer(session.Session):
                     if self._flag.requested or self.control.stop_reason:
                         summary.stopped_early = self._flag.reason or self.control.stop_reason
                         break
-            if not summary.stopped_early and self.step_count == end:
-                summary.stopped_early = "train.stop_at_step" if n is None and end == stop_at else ""
-                if self.cfg.eval.enabled and self._last_eval != self.step_count:
-                    self._evaluate(summary)
-            jax.block_until_ready(self.state)
-        except BaseException as exc:
-            summary.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            if batches is not None:
-                batches.close()
-            self._finish(summary, t0)
-            self.callbacks.fire("on_run_end", self, summary)
+                if not summary.stopped_early and self.step_count == end:
+                    summary.stopped_early = "train.stop_at_step" if n is None and end == stop_at else ""
+                    if self.cfg.eval.enabled and self._last_eval != self.step_count:
+                        self._evaluate(summary)
+                jax.block_until_ready(self.state)
+            except BaseException as exc:
+                summary.error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                if batches is not None:
+                    batches.close()
+                if self._flag.requested and self._flag.reason and summary.stopped_early in ("", "train.stop_at_step"):
+                    summary.stopped_early = self._flag.reason  # a signal after the loop's last check
+                self._finish(summary, t0)
+                self.callbacks.fire("on_run_end", self, summary)
         return summary
 
     def step(self) -> dict:

@@ -10,6 +10,8 @@ halves of each head (`rotate_half`), so no permutation of q/k is needed.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -195,5 +197,53 @@ def export_to_hf(step_dir: Any, out: Path, dtype: str = "float32") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(params, cfg.model, DTYPES[dtype])
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600; the folder is meant to be shared
     (out / "config.json").write_text(json.dumps(hf_config(cfg.model, cfg.train.seq_len, dtype), indent=2) + "\n")
+    write_tokenizer(cfg.data.tokenizer, out)
     return out
+
+
+def byte_level_tokenizer():
+    """Our byte tokenizer (UTF-8 bytes as ids 0..255, no merges) as a Hugging Face `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes, in GPT-2's byte order
+    byte_to_char = _bytes_to_unicode()
+    assert sorted(byte_to_char.values()) == sorted(alphabet)
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 bytes to printable characters (what ByteLevel pre-tokenizes into)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(spec: str, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json, so `AutoTokenizer.from_pretrained(out)` and `pipeline()` work: the
+    run's own tokenizer.json, or the byte-level one (`data.tokenizer: byte`; id 0, NUL, ends a document)."""
+    if spec == "byte":
+        byte_level_tokenizer().save(str(out / "tokenizer.json"))
+        eos = "\u0100"  # byte 0's stand-in character
+    else:
+        source = Path(spec)
+        source = source / "tokenizer.json" if source.is_dir() else source
+        if not source.is_file():
+            return
+        shutil.copyfile(source, out / "tokenizer.json")
+        eos = None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+    if eos is not None:
+        config["eos_token"] = eos
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +34,26 @@ from picotron_jax.checkpoint import codec_select, codecs, quantize
 from picotron_jax.checkpoint import metadata as meta_lib
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
+from picotron_jax.errors import DiskFull, is_disk_full
+
+class _DropDiskFullLogs(logging.Filter):
+    """Orbax's background threads log a full disk as ERROR with a traceback each (dozens of lines); the
+    checkpointer reports it in one line (DiskFull), so exactly those records are dropped. So is the warning
+    about a missing `<step>/meta/_CHECKPOINT_METADATA` that every checkpoint read printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if message.startswith("Metadata file does not exist") and message.endswith("_CHECKPOINT_METADATA"):
+            return False  # every read of a step's `meta` item looks for it one folder too deep: harmless
+        return not (is_disk_full(exc) or "No space left on device" in message)
+
+
+def quiet_disk_full_logs() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropDiskFullLogs) for f in logger.filters):
+        logger.addFilter(_DropDiskFullLogs())
+
 
 def state_tree(state: Any) -> dict[str, Any]:
     """Any TrainState (a flax.struct dataclass) as {field: subtree}: saves fields added later too."""
@@ -62,6 +83,10 @@ class Checkpointer:
                  log_path: Path | None = None):
         self.cfg = cfg
         self.every = cfg.checkpoint.every
+        quiet_disk_full_logs()
+        from picotron_jax.checkpoint.restore import silence_closed_loop_callbacks
+
+        silence_closed_loop_callbacks()  # after a failed write the other writes end in 'Event loop is closed' noise
         self.store: CheckpointStore = open_store(str(directory), cfg.checkpoint.keep, cfg.checkpoint.keep_every)
         self._say = say
         self._log_path = log_path
@@ -92,6 +117,7 @@ class Checkpointer:
             return None
         t0 = time.perf_counter()
         self._finish_pending()  # Orbax waits for the previous write anyway: account for it here
+        self._check_free_space(step)
         waited = time.perf_counter() - t0
         tree = state_tree(state)
         c = self.cfg.checkpoint
@@ -103,10 +129,18 @@ class Checkpointer:
             codecs.register(self.store.local_root, self._plan)
         compression = meta_lib.compression_entry(c.codec, self._plan, stored, self._selection)
         meta = meta_lib.build(step, self.cfg, tree, extra_meta, stored, compression, quantization)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(stored),
-                                                         meta=ocp.args.JsonSave(meta)))
-        if not self.cfg.checkpoint.async_save:
-            self._manager.wait_until_finished()
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(stored),
+                                                                     meta=ocp.args.JsonSave(meta)))
+            if saved and not self.cfg.checkpoint.async_save:
+                self._manager.wait_until_finished()
+        except Exception as exc:  # noqa: BLE001 - only a full disk is translated, the rest re-raised
+            self._raise_if_disk_full(exc, step)
+            raise
+        if not saved:  # Orbax skips a step older than the folder's newest: say so, never report it complete
+            newest = max(self._manager.all_steps(), default=None)
+            self._say(f"checkpoint {step} not saved: {self.store.url} already holds newer step {newest}")
+            return None
         blocked = time.perf_counter() - t0
         event = {"step": step, "async": self.cfg.checkpoint.async_save, "blocked_s": round(blocked, 4),
                  "waited_for_previous_s": round(waited, 4), "raw_bytes": meta["raw_bytes"],
@@ -122,7 +156,13 @@ class Checkpointer:
         """Wait for background writes, then report each finished step's size (and upload it, for s3://)."""
         if not self._pending:
             return
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as exc:  # noqa: BLE001 - a background write failed
+            steps = [e["step"] for e in self._pending]
+            self._pending.clear()
+            self._raise_if_disk_full(exc, steps[-1])
+            raise
         done = time.perf_counter()
         for event in self._pending:
             started = event.pop("t_start")
@@ -140,6 +180,47 @@ class Checkpointer:
                 with open(self._log_path, "a") as f:
                     f.write(json.dumps(event) + "\n")
         self._pending.clear()
+
+    def _last_size(self) -> int | None:
+        """Bytes on disk of the newest complete step (the estimate of the next one's size)."""
+        steps = self._manager.all_steps()
+        return self.store.bytes_on_disk(max(steps)) if steps else None
+
+    def _check_free_space(self, step: int) -> None:
+        """Refuse a save that cannot fit (DiskFull, nothing written), judged by the previous step's size."""
+        needed = self._last_size()
+        if not needed or not self.store.is_local:
+            return
+        free = shutil.disk_usage(self.store.local_root).free
+        if free < needed:
+            raise DiskFull(self._full_message(step, needed, free))
+
+    def _full_message(self, step: int, needed: int | None, free: int | None) -> str:
+        previous = [s for s in self._manager.all_steps() if s != step]
+        kept = (f"the previous checkpoint {self.store.describe(max(previous))} is intact" if previous
+                else "no earlier checkpoint exists")
+        need = f" (needs about {meta_lib.human_bytes(needed)})" if needed else ""
+        have = f" {meta_lib.human_bytes(free)} free" if free is not None else ""
+        return (f"disk full: {self.store.local_root} ({have.strip() or 'no space left'}); the checkpoint of step "
+                f"{step}{need} not saved; {kept}. Free space or set checkpoint.dir to a larger disk, then --resume")
+
+    def _raise_if_disk_full(self, exc: BaseException, step: int) -> None:
+        """A failed write for lack of space becomes DiskFull, after its temporary folders are removed."""
+        if not is_disk_full(exc):
+            return
+        if jax.process_index() == 0:
+            for leftover in self.store.unfinished():
+                shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            self._manager.reload()
+        except Exception:  # noqa: BLE001 - the folder listing is best effort here
+            pass
+        free = shutil.disk_usage(self.store.local_root).free if self.store.is_local else None
+        raise DiskFull(self._full_message(step, self._last_size(), free)) from None
+
+    def reload(self) -> None:
+        """Re-read the folder's steps (after a restore moved unusable ones aside)."""
+        self._manager.reload()
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())

@@ -17,7 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from picotron_jax.checkpoint import quantize
-from picotron_jax.checkpoint.manager import state_tree
+from picotron_jax.checkpoint.finite import state_is_finite
+from picotron_jax.checkpoint.manager import quiet_disk_full_logs, state_tree
 from picotron_jax.checkpoint.metadata import array_differences, leaf_names, model_differences
 from picotron_jax.checkpoint.storage import CheckpointStore, open_store
 from picotron_jax.config import Config
@@ -41,6 +42,7 @@ def split_location(path: str) -> tuple[str, int | None]:
 
 
 def read_meta(step_dir: Any) -> dict:
+    quiet_disk_full_logs()
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
     except Exception as exc:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
@@ -71,6 +73,14 @@ def silence_closed_loop_callbacks() -> None:
 
     hook.__picotron_quiet__ = True
     sys.unraisablehook = hook
+    previous_excepthook = sys.excepthook  # TensorStore's callbacks print theirs with PyErr_Print (sys.excepthook)
+
+    def excepthook(kind, value, tb):
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous_excepthook(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def _target(abstract: Any, shardings: Any) -> Any:
@@ -107,7 +117,10 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
     except Exception as exc:  # noqa: BLE001 - TensorStore/Orbax raise many types for damaged files
         silence_closed_loop_callbacks()
         raise UnreadableCheckpoint(f"its arrays cannot be read ({short_error(exc)})") from None
-    return type(abstract)(**quantize.decode(tree, target, quantization)), meta
+    state = type(abstract)(**quantize.decode(tree, target, quantization))
+    if not state_is_finite(state):
+        raise UnreadableCheckpoint("it holds NaN or infinite values (a diverged state)")
+    return state, meta
 
 
 def lossy_summary(quantization: dict) -> str:
@@ -118,9 +131,12 @@ def lossy_summary(quantization: dict) -> str:
 
 def restore_train_state(location: str, abstract: Any, shardings: Any, cfg: Config,
                         say: Callable[[str], None] = print,
-                        store: CheckpointStore | None = None) -> tuple[Any, dict, str]:
+                        store: CheckpointStore | None = None,
+                        set_aside_unusable: bool = False) -> tuple[Any, dict, str]:
     """Newest readable checkpoint under `location` (a checkpoint folder), or exactly `location/<step>`.
 
+    `set_aside_unusable` (a run resuming to train on): the unusable newer steps are moved aside
+    (storage.set_aside), so they are saved again and do not count toward `keep`.
     Returns (train state, its metadata, where it was read from)."""
     root, step = split_location(location)
     if store is None:
@@ -137,15 +153,26 @@ def restore_train_state(location: str, abstract: Any, shardings: Any, cfg: Confi
     if not steps:
         raise UserError(f"no checkpoint in {root}; start without --resume, or point checkpoint.dir / --resume-from "
                         f"at a folder that holds one")
-    failures = []
+    failures, unusable = [], []
     for candidate in reversed(steps):
         try:
-            return (*restore_step(store.fetch(candidate), abstract, shardings, cfg), store.describe(candidate))
+            restored = (*restore_step(store.fetch(candidate), abstract, shardings, cfg), store.describe(candidate))
         except UnreadableCheckpoint as exc:
             failures.append(f"step {candidate}: {exc}")
+            unusable.append(candidate)
             older = [s for s in steps if s < candidate]
             nxt = f"falling back to step {older[-1]}" if older else "no older checkpoint"
             say(f"checkpoint {store.describe(candidate)} is unusable, {exc}; {nxt}")
+            continue
+        if set_aside_unusable and jax.process_index() == 0:  # the run re-saves those steps when it gets there
+            for bad in unusable:
+                if (moved := store.set_aside(bad)) is not None:
+                    say(f"checkpoint: moved unusable step {bad} aside to {moved}; it is saved again at step {bad}")
+        if set_aside_unusable and unusable and jax.process_count() > 1:  # the others see the moves
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint set_aside")
+        return restored
     raise UserError(f"no usable checkpoint in {root}: " + "; ".join(failures))
 
 

@@ -71,6 +71,19 @@ class CheckpointStore:
     def describe(self, step: int) -> str:
         return str(self.local_root / str(step))
 
+    def set_aside(self, step: int) -> str | None:
+        """Move an unusable step out of the way (`<step>.corrupt`, `.corrupt-2`, ...): it no longer counts as a
+        step (nor toward `keep`) and the step is saved again when training reaches it. Local folders only."""
+        folder = self.local_root / str(step)
+        if not self.is_local or not folder.is_dir():
+            return None
+        target, n = folder.with_name(f"{step}.corrupt"), 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"{step}.corrupt-{n}")
+        folder.rename(target)
+        return str(target)
+
 
 def s3_kvstore_spec(url: str) -> dict:
     """TensorStore `s3` kvstore spec for s3://bucket/prefix, endpoint and region from the AWS environment."""
@@ -177,11 +190,16 @@ def retained(steps: list[int], keep: int, keep_every: int) -> set[int]:
     return set(newest) | {s for s in steps if keep_every > 0 and s % keep_every == 0}
 
 
-def open_store(url: str, keep: int = 0, keep_every: int = 0) -> CheckpointStore:
-    if url.startswith("s3://"):
-        return S3Store(url, keep, keep_every)
-    if "://" in url and not url.startswith("gs://"):
+def check_location(url: str) -> None:
+    """UserError for a checkpoint location of an unsupported scheme (checked before anything is written)."""
+    if "://" in url and not url.startswith(("gs://", "s3://")):
         scheme = url.split("://")[0]
         raise UserError(f"checkpoint path {url!r}: scheme {scheme}:// is not supported; use a local path, gs:// or "
                         f"s3:// (HDFS: mount it, e.g. with HDFS NFS Gateway or fuse-dfs, and give the mounted path)")
+
+
+def open_store(url: str, keep: int = 0, keep_every: int = 0) -> CheckpointStore:
+    check_location(url)
+    if url.startswith("s3://"):
+        return S3Store(url, keep, keep_every)
     return CheckpointStore(url)
