@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.profile.command import add_parser as add_profile_parser
 
     add_profile_parser(sub, _add_config_args)
+    from picotron_jax.tune.command import add_parser as add_tune_parser
+
+    add_tune_parser(sub, _add_config_args)
     return parser
 
 
@@ -211,6 +214,15 @@ COMMANDS = {"profile": cmd_profile, "train": cmd_train, "bench": cmd_bench, "tok
             "memory": cmd_memory, "precision": cmd_precision, "pipeline-schedule": cmd_pipeline_schedule,
             "generate": cmd_generate}
 COMMANDS.update(checkpoint_commands.COMMANDS)
+
+
+def cmd_tune(args) -> int:
+    from picotron_jax.tune.command import cmd_tune as run_tune
+
+    return run_tune(args, _load)
+
+
+COMMANDS["tune"] = cmd_tune
 
 
 def _in_multiprocess_run() -> bool:
