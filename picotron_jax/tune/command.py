@@ -38,6 +38,10 @@ def add_parser(sub, add_config_args) -> None:
     q.add_argument("--out", help="write the chosen layout as a preset YAML here")
     q.add_argument("--json", dest="json_out", help="write the full report as JSON here")
 
+    from picotron_jax.tune.hparams_command import add_hparams_parser
+
+    add_hparams_parser(tsub, add_config_args)
+
 
 def _csv(text: str | None, flag: str, cast=str) -> list | None:
     if not text:
@@ -49,6 +53,10 @@ def _csv(text: str | None, flag: str, cast=str) -> list | None:
 
 
 def cmd_tune(args, load) -> int:
+    if args.tune_command == "hparams":
+        from picotron_jax.tune.hparams_command import cmd_hparams
+
+        return cmd_hparams(args, load)
     return cmd_layout(args, load)
 
 

@@ -55,8 +55,9 @@ def cache_key(cfg: Config, devices: list) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def compile_candidate(cfg: Config, devices: list) -> dict[str, Any]:
-    """Compile only: exact per-device memory, FLOPs, collectives per axis set, pipeline bubble."""
+def compile_candidate(cfg: Config, devices: list, keep: dict | None = None) -> dict[str, Any]:
+    """Compile only: exact per-device memory, FLOPs, collectives per axis set, pipeline bubble.
+    `keep`: the executable is stored there under the cache key (a measured trial reuses it)."""
     t0 = time.perf_counter()
     compiled, rules, setup, flops = compile_train_step(cfg, devices)
     est = estimate_from_compiled(cfg, compiled, rules, setup, flops)
@@ -67,13 +68,16 @@ def compile_candidate(cfg: Config, devices: list) -> dict[str, Any]:
         from picotron_jax.parallel.pipeline_schedule import schedule_of_config
 
         bubble = schedule_of_config(cfg, rules.mesh.shape["pipe"]).bubble_fraction()
+    if keep is not None:
+        keep[cache_key(cfg, devices)] = compiled
     return {"peak_bytes": est.peak_bytes, "params_bytes": est.params_bytes, "opt_state_bytes": est.opt_state_bytes,
             "temp_bytes": est.temp_bytes, "flops": est.flops, "collective_bytes": coll.bytes_by_axes,
             "collective_counts": coll.count_by_axes, "bubble": bubble,
             "compile_s": time.perf_counter() - t0}
 
 
-def compile_cached(cfg: Config, devices: list, cache_dir: Path | None) -> tuple[dict[str, Any], bool]:
+def compile_cached(cfg: Config, devices: list, cache_dir: Path | None,
+                   keep: dict | None = None) -> tuple[dict[str, Any], bool]:
     """(compile result, whether it came from the cache)."""
     path = cache_dir / f"{cache_key(cfg, devices)}.json" if cache_dir else None
     if path is not None and path.is_file():
@@ -81,7 +85,7 @@ def compile_cached(cfg: Config, devices: list, cache_dir: Path | None) -> tuple[
             return json.loads(path.read_text()), True
         except ValueError:
             pass
-    out = compile_candidate(cfg, devices)
+    out = compile_candidate(cfg, devices, keep)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -90,11 +94,12 @@ def compile_cached(cfg: Config, devices: list, cache_dir: Path | None) -> tuple[
     return out, False
 
 
-def measure(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
-    """A few real steps of this layout (bench.py), on the first mesh.num_devices devices."""
+def measure(cfg: Config, steps: int, warmup: int, compiled: Any = None) -> dict[str, Any]:
+    """A few real steps of this layout (bench.py), on the first mesh.num_devices devices; `compiled`: the
+    executable of the compile-only pass, when this process made it."""
     from picotron_jax.bench import bench_step
 
-    return bench_step(cfg.with_overrides([f"bench.steps={steps}", f"bench.warmup={warmup}"]))
+    return bench_step(cfg.with_overrides([f"bench.steps={steps}", f"bench.warmup={warmup}"]), compiled)
 
 
 def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, budget: float = math.inf,
@@ -103,11 +108,11 @@ def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, b
     """Compile, rank and measure; returns the results fastest-predicted first (over-budget ones last)."""
     log = log or (lambda s: None)
     n = len(devices)
-    results = []
+    results, executables = [], {}
     for i, layout in enumerate(layouts):
         lcfg = apply(cfg, layout, n)
         try:
-            compiled, cached = compile_cached(lcfg, devices, cache_dir)
+            compiled, cached = compile_cached(lcfg, devices, cache_dir, executables)
         except Exception as exc:  # noqa: BLE001 - a candidate the compiler refuses is reported, not fatal
             results.append(Result(layout, {}, False, fits=False, error=f"compile: {type(exc).__name__}: {exc}"))
             log(f"[{i + 1}/{len(layouts)}] {layout.label()}: compile failed: {exc}")
@@ -126,7 +131,8 @@ def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, b
             log(f"time budget {time_budget:.0f} s spent: {r.layout.label()} and later not measured")
             break
         try:
-            b = measure(apply(cfg, r.layout, n), steps, warmup)
+            lcfg = apply(cfg, r.layout, n)
+            b = measure(lcfg, steps, warmup, executables.get(cache_key(lcfg, devices)))
         except Exception as exc:  # noqa: BLE001 - a failed trial is reported with its error
             r.error = f"measure: {type(exc).__name__}: {exc}"
             log(f"measure {r.layout.label()}: failed: {exc}")
