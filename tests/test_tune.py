@@ -155,6 +155,12 @@ def test_tune_layout_end_to_end(tmp_path):
     assert excluded["fits"] is False and excluded["peak_bytes"] == best["peak_bytes"]
     assert rep2["over_budget"] >= 1
 
+    # a cluster that is not here: ranked by the target's figures (the cached compiles), nothing measured
+    rep3 = _search(tmp_path, "c", "--zero", "0", "--target", str(ROOT / "meshes/targets/2x8xh100.yaml"))
+    assert all(c["cached"] and c["measured_step_s"] is None for c in rep3["candidates"])
+    assert "predicted, not measured" in rep3["hardware"]["source"] and rep3["chosen"]["fits"]
+    assert rep3["memory_budget_bytes"] == 80 * 2**30
+
     # the preset runs as written
     preset = tmp_path / "a.yaml"
     raw = yaml.safe_load(preset.read_text())
