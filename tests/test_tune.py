@@ -77,14 +77,25 @@ def test_cost_model_by_hand():
                                               "tensor": 1e10}, latency_s=1e-3)
     coll = Collectives({"data": 2_000_000_000, "tensor": 10_000_000_000, "data,tensor": 1_000_000_000},
                        {"data": 2, "tensor": 5, "data,tensor": 1})
-    p = predict_step(4e9, coll, 0.25, hw)
+    p = predict_step(4e9, coll, 0.25, hw, busy_share=0.75)
     assert p["compute_s"] == pytest.approx(3.0)  # 3e9 busy FLOPs at 1e9/s
-    assert p["bubble_s"] == pytest.approx(1.0)  # the idle quarter of the slots
+    assert p["bubble_s"] == pytest.approx(1.0)  # the idle quarter of the slots: 3 s / (1 - 0.25) - 3 s
     assert p["comm_s"] == pytest.approx(2.0 + 1.0 + 1.0)  # data,tensor moves at the slower link (data)
     assert p["latency_s"] == pytest.approx(8e-3)
     assert p["step_s"] == pytest.approx(3.0 + 1.0 + 4.0 + 8e-3)
     shared = Hardware(**{**hw.as_dict(), "shared_host": True})
-    assert predict_step(4e9, coll, 0.25, shared)["bubble_s"] == 0.0
+    assert predict_step(4e9, coll, 0.25, shared, busy_share=0.75)["bubble_s"] == 0.0
+    assert predict_step(4e9, Collectives(), 0.0, hw)["step_s"] == pytest.approx(4.0)  # no pipeline, no traffic
+
+
+def test_pipeline_shares_by_hand():
+    from picotron_jax.parallel.pipeline_schedule import build_schedule
+    from picotron_jax.tune.cost import pipeline_shares
+
+    # 1F1B, p = 2, m = 4: 10 slots (F or B per rank and slot), 4 of the 20 rank-slots idle
+    assert pipeline_shares(build_schedule("1f1b", 2, 4)) == pytest.approx((4 / 20, 4 / 10))
+    # AFAB differentiates its forward phase: m + p - 1 = 5 slots of F (+ their B) for m = 4 microbatches
+    assert pipeline_shares(build_schedule("afab", 2, 4)) == pytest.approx((4 / 20, 4 / 5))
 
 
 def test_target_yaml(tmp_path):

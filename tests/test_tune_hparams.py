@@ -18,8 +18,8 @@ from picotron_jax.tune.space_yaml import parse_space
 
 TINY = ["model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
         "model.num_heads=4", "model.num_kv_heads=2", "train.seq_len=32", "train.global_batch=8",
-        "mesh.num_devices=2", "optimizer.lr=3e-3", "optimizer.warmup_steps=1"]
-SPACE = {"steps": 6, "eval_every": 2, "eval_tokens": 2048,
+        "mesh.num_devices=2", "optimizer.lr=3e-3", "optimizer.warmup_steps=1", "train.steps=3"]
+SPACE = {"steps": 4, "eval_every": 2, "eval_tokens": 2048,
          "params": {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
                     "optimizer.warmup_steps": {"type": "int", "low": 0, "high": 3}}}
 
@@ -64,43 +64,53 @@ def test_space_file_errors(tmp_path):
         parse_space({"trials": 3, **SPACE}, cfg)
 
 
-def _study(tmp_path, trials: int) -> dict:
+def _study(tmp_path, trials: int, *extra: str) -> dict:
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     out = tmp_path / "report.json"
     assert main(["tune", "hparams", *TINY, "--space", str(tmp_path / "space.yaml"), "--trials", str(trials),
                  "--storage", f"sqlite:///{tmp_path}/study.db", "--pruner-startup", "1", "--json", str(out),
-                 "--out", str(tmp_path / "best.yaml")]) == 0
+                 "--out", str(tmp_path / "best.yaml"), *extra]) == 0
     return json.loads(out.read_text())
 
 
-def test_study_prunes_reports_baseline_and_resumes(tmp_path):
-    rep = _study(tmp_path, 2)
-    trials = rep["trials"]
-    assert len(trials) == 2 and rep["counts"]["COMPLETE"] + rep["counts"]["PRUNED"] == 2
-    # trial 0 is the config's own values (in the space), the baseline
-    assert trials[0]["baseline"] and trials[0]["params"] == {"optimizer.lr": 3e-3, "optimizer.warmup_steps": 1}
+def _check_trials(trials: list[dict]) -> None:
     for t in trials:
         steps = sorted(int(s) for s in t["intermediate"])
         if t["state"] == "COMPLETE":  # an eval loss at every evaluation; the objective is the last one
-            assert steps == [2, 4, 6] and t["value"] == t["intermediate"]["6"]
-        else:  # stopped at the evaluation where the pruner said so
-            assert t["state"] == "PRUNED" and steps and steps[-1] < 6
-    best = min((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: t["value"])
-    assert rep["best"]["number"] == best["number"]
+            assert steps == [2, 4] and t["value"] == t["intermediate"]["4"]
+        elif t["state"] == "PRUNED":  # stopped at the evaluation where the pruner said so
+            assert steps and steps[-1] < 4
+
+
+def test_study_reports_baseline_and_resumes_after_a_kill(tmp_path):
+    rep = _study(tmp_path, 1)
+    (base,) = rep["trials"]  # trial 0 is the config's own values (in the space), the baseline
+    assert base["baseline"] and base["params"] == {"optimizer.lr": 3e-3, "optimizer.warmup_steps": 1}
+    assert base["state"] == "COMPLETE" and rep["best"]["number"] == 0 and rep["baseline"]["value"] == base["value"]
+    _check_trials(rep["trials"])
     preset = load_config(tmp_path / "best.yaml")
-    assert preset.optimizer.lr == best["params"]["optimizer.lr"]
-    assert preset.optimizer.warmup_steps == best["params"]["optimizer.warmup_steps"]
+    assert (preset.optimizer.lr, preset.optimizer.warmup_steps) == (3e-3, 1) and preset.train.steps == 3
 
     # a killed run leaves a trial running: the next run marks it failed and runs its parameters again
     study = optuna.load_study(study_name="picotron-jax", storage=f"sqlite:///{tmp_path}/study.db")
     killed = study.ask()
     killed.suggest_float("optimizer.lr", 1e-3, 3e-2, log=True)
     killed.suggest_int("optimizer.warmup_steps", 0, 3)
-    rep2 = _study(tmp_path, 3)
-    assert rep2["trials"][:2] == trials  # resumed: the finished trials are kept, not rerun
-    assert rep2["trials"][2]["state"] == "FAIL"
-    assert rep2["trials"][3]["params"] == killed.params and rep2["trials"][3]["state"] in ("COMPLETE", "PRUNED")
-    assert len(rep2["trials"]) == 4
+    rep2 = _study(tmp_path, 2)
+    assert rep2["trials"][0] == base  # resumed: the finished trial is kept, not rerun
+    assert rep2["trials"][1]["state"] == "FAIL" and len(rep2["trials"]) == 3
+    assert rep2["trials"][2]["params"] == killed.params and rep2["trials"][2]["state"] in ("COMPLETE", "PRUNED")
+    _check_trials(rep2["trials"])
+    best = min((t for t in rep2["trials"] if t["state"] == "COMPLETE"), key=lambda t: t["value"])
+    assert rep2["best"]["number"] == best["number"]
+    assert load_config(tmp_path / "best.yaml").optimizer.lr == best["params"]["optimizer.lr"]
+
+
+@pytest.mark.slow
+def test_tpe_study_prunes_with_the_median_pruner(tmp_path):
+    rep = _study(tmp_path, 8)
+    _check_trials(rep["trials"])
+    assert rep["counts"]["COMPLETE"] + rep["counts"]["PRUNED"] == 8 and rep["counts"]["PRUNED"] >= 1
 
 
 def test_hparams_errors(tmp_path, capsys):

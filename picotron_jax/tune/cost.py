@@ -3,10 +3,13 @@
     step_s = compute_s + bubble_s + sum over collectives (latency_s + bytes / bandwidth[axis])
 
 - compute_s: the step's matmul FLOPs per device (memory/flops.py: loops by trip count, remat
-  recomputation included) at the device's measured matmul rate. For a pipeline the FLOPs of every
-  time slot are counted as if busy (its `lax.cond` counts the costlier branch), so the schedule's
-  idle share (`Schedule.bubble_fraction`) is split off as bubble_s. Virtual XLA:CPU devices share
-  the host's cores: an idle pipeline rank frees them for the others, so there bubble_s = 0.
+  recomputation included) at the device's measured matmul rate. A pipeline's step is one scan over
+  the schedule's time slots whose body holds a forward and a backward under `lax.cond`, so its
+  counted FLOPs are slots x (F + B), while a rank really runs m·v forwards and backwards: the busy
+  FLOPs are FLOPs x busy_share with busy_share = m·v / slots (AFAB scans only its forward phase and
+  differentiates it: slots = that phase's length). On dedicated devices the idle slots
+  (`Schedule.bubble_fraction`) add bubble_s = busy / (1 - bubble) - busy; virtual XLA:CPU devices
+  share the host's cores, an idle rank frees them for the others, so there bubble_s = 0.
 - collectives: each collective instruction of the optimized HLO, times its computation's trip
   count, at the bandwidth of the slowest mesh axis its device groups span (all on one host: the
   measured one; a target YAML gives one per axis).
@@ -75,15 +78,23 @@ def axis_bandwidth(hw: Hardware, axes_key: str) -> float:
     return min(hw.bandwidth[a] for a in axes)
 
 
-def predict_step(flops: float, coll: Collectives, bubble: float, hw: Hardware) -> dict[str, float]:
-    """Predicted seconds per step, with its terms."""
-    busy = flops * (1.0 - bubble)
-    compute_s = busy / hw.flops_per_s
-    bubble_s = 0.0 if hw.shared_host else (flops - busy) / hw.flops_per_s
+def predict_step(flops: float, coll: Collectives, bubble: float, hw: Hardware,
+                 busy_share: float = 1.0) -> dict[str, float]:
+    """Predicted seconds per step, with its terms (`busy_share`, `bubble`: 1 and 0 without a pipeline)."""
+    compute_s = flops * busy_share / hw.flops_per_s
+    bubble_s = 0.0 if hw.shared_host else compute_s * bubble / (1.0 - bubble)
     comm_s = sum(b / axis_bandwidth(hw, k) for k, b in coll.bytes_by_axes.items())
     latency_s = hw.latency_s * sum(coll.count_by_axes.values())
     return {"step_s": compute_s + bubble_s + comm_s + latency_s, "compute_s": compute_s, "bubble_s": bubble_s,
             "comm_s": comm_s, "latency_s": latency_s}
+
+
+def pipeline_shares(sched) -> tuple[float, float]:
+    """(bubble fraction, busy share) of a pipeline schedule (parallel/pipeline_schedule.py), as above."""
+    slots = sched.num_slots
+    if sched.kind == "afab":
+        slots = 1 + max(t for t in range(sched.num_slots) if any(w is not None for w in sched.forward[t]))
+    return sched.bubble_fraction(), sched.m * sched.v / slots
 
 
 def load_target(path: str | Path) -> Hardware:

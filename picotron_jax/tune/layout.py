@@ -23,7 +23,7 @@ import jax
 
 from picotron_jax.config import Config, save_config
 from picotron_jax.memory.estimate import compile_train_step, estimate_from_compiled, mib
-from picotron_jax.tune.cost import Collectives, Hardware, collectives_by_axes, predict_step
+from picotron_jax.tune.cost import Collectives, Hardware, collectives_by_axes, pipeline_shares, predict_step
 from picotron_jax.tune.space import Layout, apply
 
 DEFAULT_CACHE = Path.home() / ".cache" / "picotron_jax" / "tune"
@@ -63,16 +63,16 @@ def compile_candidate(cfg: Config, devices: list, keep: dict | None = None) -> d
     est = estimate_from_compiled(cfg, compiled, rules, setup, flops)
     mesh_shape = tuple(rules.mesh.devices.shape)
     coll = collectives_by_axes(compiled.as_text(), mesh_shape)
-    bubble = 0.0
+    bubble, busy_share = 0.0, 1.0
     if rules.mesh.shape["pipe"] > 1:
         from picotron_jax.parallel.pipeline_schedule import schedule_of_config
 
-        bubble = schedule_of_config(cfg, rules.mesh.shape["pipe"]).bubble_fraction()
+        bubble, busy_share = pipeline_shares(schedule_of_config(cfg, rules.mesh.shape["pipe"]))
     if keep is not None:
         keep[cache_key(cfg, devices)] = compiled
     return {"peak_bytes": est.peak_bytes, "params_bytes": est.params_bytes, "opt_state_bytes": est.opt_state_bytes,
             "temp_bytes": est.temp_bytes, "flops": est.flops, "collective_bytes": coll.bytes_by_axes,
-            "collective_counts": coll.count_by_axes, "bubble": bubble,
+            "collective_counts": coll.count_by_axes, "bubble": bubble, "busy_share": busy_share,
             "compile_s": time.perf_counter() - t0}
 
 
@@ -119,7 +119,8 @@ def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, b
             continue
         coll = Collectives(compiled["collective_bytes"], compiled["collective_counts"])
         r = Result(layout, compiled, cached, fits=compiled["peak_bytes"] <= budget,
-                   predicted=predict_step(compiled["flops"], coll, compiled["bubble"], hw))
+                   predicted=predict_step(compiled["flops"], coll, compiled["bubble"], hw,
+                                          compiled.get("busy_share", 1.0)))
         results.append(r)
         log(f"[{i + 1}/{len(layouts)}] {layout.label()}: peak {mib(compiled['peak_bytes'])}"
             f"{' (cached)' if cached else ''}, predicted {r.predicted['step_s'] * 1e3:.1f} ms"
