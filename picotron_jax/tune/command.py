@@ -91,7 +91,12 @@ def cmd_layout(args, load) -> int:
                         f"({rejected} rejected); widen --axes, --accum or --zero, or change the model shape")
     print(f"{len(layouts)} layouts pass validation ({rejected} rejected); hardware: {hw.source}", file=sys.stderr)
     cache = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
-    results = search(cfg, devices, layouts, hw, budget=budget, top=0 if args.target else args.top,
+    stand_ins = bool(note)  # virtual CPU devices standing in for devices this machine lacks: nothing to measure on
+    if stand_ins and not args.target:
+        print("note: the layouts are compiled for virtual CPU devices; nothing is measured, the ranking is the "
+              "model's prediction with this machine's CPU figures (give --target for the real cluster's)",
+              file=sys.stderr)
+    results = search(cfg, devices, layouts, hw, budget=budget, top=0 if args.target or stand_ins else args.top,
                      time_budget=args.time_budget, steps=args.steps, cache_dir=cache,
                      log=lambda s: print(s, file=sys.stderr))
     chosen = choose(results)
