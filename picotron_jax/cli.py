@@ -1,5 +1,5 @@
 """The `picotron-jax` command: train, generate, bench, tokenizer, launch, ckpt, export, memory, precision,
-pipeline-schedule, profile.
+pipeline-schedule, profile, tune.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
 multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 130 interrupted.
