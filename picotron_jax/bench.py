@@ -35,12 +35,15 @@ def compiled_memory(compiled) -> dict[str, int]:
     }
 
 
-def bench_step(cfg: Config) -> dict:
+def bench_step(cfg: Config, compiled=None) -> dict:
+    """`compiled`: the step already compiled for this config's shapes and shardings (tune/layout.py reuses
+    its compile-only executable); compiled here when None."""
     run = build_run(cfg)
     state = init_train_state(cfg, run.setup)
     batch = run.batch(0)
     t0 = time.perf_counter()
-    compiled = run.train_step.lower(state, batch).compile()
+    if compiled is None:
+        compiled = run.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
 
     warmup, steps = cfg.bench.warmup, cfg.bench.steps

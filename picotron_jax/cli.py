@@ -1,5 +1,5 @@
 """The `picotron-jax` command: train, generate, bench, tokenizer, launch, ckpt, export, memory, precision,
-pipeline-schedule, profile.
+pipeline-schedule, profile, data, learn, debug, meta, tune.
 
 Exit codes: 0 success, 2 user error (message on stderr, no traceback), 3 another process of a
 multi-process run was lost, failed or hung, 4 the run gave up (a non-finite loss), 5 a disk is full
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.meta.command import add_parser as add_meta_parser
 
     add_meta_parser(sub, _add_config_args)
+    from picotron_jax.tune.command import add_parser as add_tune_parser
+
+    add_tune_parser(sub, _add_config_args)
     return parser
 
 
@@ -273,6 +276,15 @@ def cmd_debug(args) -> int:
 
 COMMANDS["debug"] = cmd_debug
 COMMANDS["meta"] = cmd_meta
+
+
+def cmd_tune(args) -> int:
+    from picotron_jax.tune.command import cmd_tune as run_tune
+
+    return run_tune(args, _load)
+
+
+COMMANDS["tune"] = cmd_tune
 
 
 def _in_multiprocess_run() -> bool:
