@@ -39,6 +39,7 @@ from picotron_jax.config_sections import (  # noqa: F401  (re-exported: callers 
     SPIKE_KINDS,
     FaultsConfig,
     ProfileConfig,
+    MonitorConfig,
     BenchConfig,
     PRECISION_MODES,
     MATMUL_PRECISIONS,
@@ -69,6 +70,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
