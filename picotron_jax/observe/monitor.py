@@ -11,7 +11,7 @@ Detectors (each anomaly becomes a row of RUN_DIR/alerts.jsonl through observe/al
   spike from 2 to 8 is flagged (Megatron's 10x-the-first-100-losses rule never would). The first
   `monitor.warmup` steps of each `run()` are not judged; an anomalous value does not enter the window.
 * `throughput`: the logged tokens/s stays below `throughput_drop` x the run's median for two logged rows
-  in a row.
+  in a row (a row whose interval held a checkpoint save, a restore or an evaluation is not judged).
 * `memory`: device memory in use above `memory_fraction` of its limit (GPU/TPU), host RAM above
   `host_memory_fraction`; `disk`: before a checkpoint step, less than `disk_min_free_gb` free in the run
   directory. Each is reported when it starts, again only after it has cleared.
@@ -91,6 +91,7 @@ class Monitor(Callback):
         self.grad_window = RobustWindow(m.window, m.spike_mads, m.spike_min_rel)
         self.throughputs: list[float] = []
         self._slow_rows = 0
+        self._dirty = False  # a checkpoint save, restore or evaluation fell in the current throughput window
         self._active: set[str] = set()  # memory / disk conditions currently reported
         self._checked = 0  # the newest step the detectors have seen
         self._judge_from = 0
@@ -101,16 +102,21 @@ class Monitor(Callback):
     # -- events ------------------------------------------------------------------------------
     def on_run_start(self, trainer):
         self.trainer = trainer
-        if self.alerts is None:
-            self.alerts = Alerts(self.m, self.run_dir, trainer.say, trainer.console)
+        self._open_alerts(trainer)
         self._judge_from = trainer.step_count + self.m.warmup
         self.rewinds = 0
+
+    def _open_alerts(self, trainer) -> Alerts:
+        if self.alerts is None:
+            self.alerts = Alerts(self.m, self.run_dir, trainer.say, trainer.console)
+        return self.alerts
 
     def wrap_batches(self, read):
         trainer = self.trainer
         if self._skip_to is not None and trainer is not None and trainer.step_count < self._skip_to:
             self._offset += self._skip_to - trainer.step_count
             self._skip_to = None
+            self._checked = trainer.step_count  # the steps from the checkpoint on are judged again
         offset = self._offset
         return read if offset == 0 else (lambda index: read(index + offset))
 
@@ -131,6 +137,12 @@ class Monitor(Callback):
             self._condition(trainer, step, "disk", free_gb < self.m.disk_min_free_gb, str(self.run_dir),
                             f"{free_gb:.2f} GiB free before the checkpoint of step {step}",
                             f"{self.m.disk_min_free_gb:g} GiB free")
+
+    def on_checkpoint(self, trainer, step, path):
+        self._dirty = True
+
+    def on_eval(self, trainer, row):
+        self._dirty = True
 
     def on_close(self, trainer):
         if self.alerts is not None:
@@ -162,7 +174,8 @@ class Monitor(Callback):
 
     def _check_throughput(self, trainer, row: dict) -> None:
         tps = row.get("tokens_per_s", math.nan)
-        if self.m.throughput_drop <= 0 or not math.isfinite(tps):
+        dirty, self._dirty = self._dirty, False
+        if self.m.throughput_drop <= 0 or not math.isfinite(tps) or dirty:
             return
         median = float(np.median(self.throughputs)) if len(self.throughputs) >= 3 else math.nan
         if math.isfinite(median) and tps < self.m.throughput_drop * median:
@@ -209,11 +222,11 @@ class Monitor(Callback):
                 action, message = "stop", f"{message} (monitor.max_rewinds = {self.m.max_rewinds} rewinds used)"
         if action == "skip":
             action = "skip" if "update_skipped" in trainer.last_outputs else "alert"
-        self.alerts.record(step, kind, detail, where, threshold, action)
+        self._open_alerts(trainer).record(step, kind, detail, where, threshold, action)
         if action == "rewind":
             self.rewinds += 1
             self._skip_to = step  # wrap_batches: the data continues after the bad step's batch
-            self._checked = 0  # the steps from the checkpoint on are judged again
+            self._dirty = True
             trainer.control.restore()
         elif action == "stop":
             if finite_state and trainer.checkpointer is not None:

@@ -1,0 +1,165 @@
+"""The monitor (observe/monitor.py): each detector is shown a fault injected through the fault injector
+(config `faults`) and catches it at its step; actions, alerts, webhook, TensorBoard and Prometheus."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+import picotron_jax as pj
+from picotron_jax.callbacks import build_callbacks
+from picotron_jax.errors import UserError
+from picotron_jax.observe.monitor import Monitor, RobustWindow
+from test_api import params_of, tiny
+
+
+def alerts_of(run_dir):
+    path = run_dir / "alerts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hook:
+    """A local HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                hook.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_robust_window_flags_a_late_spike_that_megatrons_rule_misses():
+    window = RobustWindow(size=50, mads=8.0, min_rel=0.25)
+    rng = np.random.default_rng(0)
+    first_100 = 5.0 - np.linspace(0, 3, 100)  # loss falls from 5 to 2
+    for x in (first_100[-50:] * 0 + 2.0 + 0.02 * rng.standard_normal(50)):
+        window.values.append(float(x))
+    assert 2.0 < window.limit() < 3.0 and 8.0 > window.limit()  # 8 after a plateau at 2: a spike
+    assert not 8.0 > 10 * first_100.max()  # Megatron's rule (10 x the largest of the first 100 losses) misses it
+    assert RobustWindow(50, 8.0, 0.25).limit() == float("inf")  # too few values: nothing is judged
+
+
+def test_monitor_config_errors_name_the_field():
+    with pytest.raises(UserError, match="config field 'monitor.on_nan' = 'reboot': valid actions are"):
+        tiny("single", "monitor.on_nan=reboot").validate(1)
+    with pytest.raises(UserError, match="config field 'monitor.on_spike' = 'skip'"):
+        tiny("single", "monitor.on_spike=skip").validate(1)
+    with pytest.raises(UserError, match="config field 'monitor.window' = 0: must be >= 1"):
+        tiny("single", "monitor.window=0").validate(1)
+    with pytest.raises(UserError, match="config field 'monitor.webhook_url' = 'localhost:9': must be an http"):
+        tiny("single", "monitor.webhook_url=localhost:9").validate(1)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=f"config field 'monitor.prometheus_port' = {port}: that port is in use"):
+            build_callbacks(tiny("single", f"monitor.prometheus_port={port}"), None)
+
+
+@pytest.fixture(scope="module")
+def rewound(tmp_path_factory):
+    """A NaN injected into decoder layer 1's gradient at step 5 (a one-off machine fault), checkpoints every
+    2 steps, on_nan=rewind; a webhook, Prometheus and TensorBoard are on."""
+    run_dir = tmp_path_factory.mktemp("rewind")
+    hook, port = Hook(), free_port()
+    cfg = tiny("single", "model.num_layers=3", "train.steps=8", "logging.every=1", "checkpoint.every=2",
+               "checkpoint.async_save=false", "faults.nan_step=5", "faults.nan_layer=1",
+               "faults.nan_site=gradient", "faults.transient=true", "monitor.layer_every=100",
+               "monitor.throughput_drop=0",  # tiny steps on a loaded machine: timing noise (its own test below)
+               f"monitor.webhook_url={hook.url}", f"monitor.prometheus_port={port}")
+    trainer = pj.Trainer(cfg, run_dir)
+    summary = trainer.run()
+    prometheus = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, Monitor))
+    trainer.close()  # the webhook thread finishes its queue
+    hook.close()
+    yield run_dir, trainer, summary, hook.bodies, prometheus, monitor
+
+
+def test_nan_in_one_layers_gradient_is_caught_at_its_step_named_and_rewound(rewound):
+    run_dir, trainer, summary, _, _, monitor = rewound
+    (row,) = alerts_of(run_dir)
+    assert (row["step"], row["kind"], row["where"], row["action"]) == (5, "nan", "layer 1", "rewind")
+    assert "gradient became nan" in row["detail"] and row["threshold"] == "finite"
+    steps = [r["step"] for r in trainer.history if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # back to the checkpoint of step 4, then on to the end
+    assert summary.steps == 8 and not summary.error
+    after = [r for r in trainer.history if r["kind"] == "train"][5:]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in after)
+    assert all(np.isfinite(x).all() for x in params_of(trainer))
+    assert monitor._offset == 1  # the batch of the bad step (index 4) is skipped: step 5 reads batch 5
+    metrics_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics_rows if r["kind"] == "train"] == steps
+    assert all(len(r["layer_grad_norm"]) == 3 for r in metrics_rows if "layer_grad_norm" in r)
+
+
+def test_the_alert_reaches_the_webhook_as_the_documented_json(rewound):
+    run_dir, _, _, bodies, _, _ = rewound
+    assert bodies == alerts_of(run_dir)
+    assert set(bodies[0]) >= {"step", "kind", "detail", "where", "threshold", "action", "process", "time"}
+
+
+def test_prometheus_serves_the_latest_row_and_the_anomaly_count(rewound):
+    _, trainer, _, _, text, _ = rewound
+    last = [r for r in trainer.history if r["kind"] == "train"][-1]
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values["picotron_step"] == 8 and values["picotron_anomalies"] == 1
+    assert values["picotron_loss"] == pytest.approx(last["loss"], rel=1e-6)
+    assert "picotron_param_norm" in values and "picotron_update_ratio" in values
+
+
+def test_tensorboard_events_hold_the_loss_and_the_config(rewound):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, trainer, _, _, _, _ = rewound
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "train/loss" in tags["scalars"] and "train/grad_norm" in tags["scalars"]
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    rows = [(r["step"], r["loss"]) for r in trainer.history if r["kind"] == "train"]
+    assert [s for s, _ in losses] == [s for s, _ in rows]
+    np.testing.assert_allclose([v for _, v in losses], [v for _, v in rows], rtol=1e-6)
+    assert any("config" in t for t in tags["tensors"])
+
+
+def test_skip_leaves_the_parameters_of_a_non_finite_step_untouched(tmp_path):
+    trainer = pj.Trainer(tiny("single", "model.num_layers=3", "train.steps=4", "logging.every=1",
+                              "faults.nan_step=3", "faults.nan_layer=2", "faults.nan_site=gradient",
+                              "monitor.on_nan=skip"), tmp_path)
+    trainer.step(), trainer.step()
+    before = params_of(trainer)
+    row = trainer.step()
+    assert row["update_skipped"] and not np.isfinite(row["grad_norm"])
+    for a, b in zip(before, params_of(trainer), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(trainer.step()["loss"])
+    (alert,) = alerts_of(tmp_path)
+    assert (alert["step"], alert["kind"], alert["where"], alert["action"]) == (3, "nan", "layer 2", "skip")
