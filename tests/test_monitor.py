@@ -16,7 +16,9 @@ import picotron_jax as pj
 from picotron_jax.callbacks import build_callbacks
 from picotron_jax.errors import UserError
 from picotron_jax.observe.monitor import Monitor, RobustWindow
-from test_api import params_of, tiny
+from helpers import MESHES
+from picotron_jax.cli import main
+from test_api import TINY, params_of, tiny
 
 
 def alerts_of(run_dir):
@@ -163,3 +165,41 @@ def test_skip_leaves_the_parameters_of_a_non_finite_step_untouched(tmp_path):
     assert np.isfinite(trainer.step()["loss"])
     (alert,) = alerts_of(tmp_path)
     assert (alert["step"], alert["kind"], alert["where"], alert["action"]) == (3, "nan", "layer 2", "skip")
+
+
+@pytest.mark.slow
+def test_a_loss_spike_from_a_corrupted_batch_late_in_the_run_is_caught_at_its_step(tmp_path):
+    # the noise batch costs about ln(256) = 5.55 nats; the window (steps 5-12) sits near 4.8
+    trainer = pj.Trainer(tiny("single", "train.steps=14", "logging.every=1", "faults.spike_step=13",
+                              "monitor.window=8", "monitor.warmup=4", "monitor.spike_mads=4",
+                              "monitor.spike_min_rel=0.1", "monitor.throughput_drop=0"), tmp_path)
+    summary = trainer.run()
+    (row,) = alerts_of(tmp_path)
+    assert (row["step"], row["kind"], row["action"]) == (13, "loss_spike", "alert")
+    assert row["detail"].startswith("loss 5.") and "over the last 8 steps" in row["threshold"]
+    assert summary.steps == 14  # alert: the run goes on
+
+
+@pytest.mark.slow
+def test_a_throughput_drop_and_host_memory_pressure_are_each_detected(tmp_path):
+    trainer = pj.Trainer(tiny("single", "train.steps=12", "logging.every=1", "faults.sleep_step=9",
+                              "faults.sleep_steps=3", "faults.sleep_s=0.5", "monitor.throughput_drop=0.1",
+                              "monitor.host_memory_fraction=0.01"), tmp_path)
+    trainer.run()
+    rows = alerts_of(tmp_path)
+    assert [(r["step"], r["kind"], r["where"]) for r in rows] == [(1, "memory", "host"), (10, "throughput", "")]
+    assert "host RAM" in rows[0]["detail"] and rows[0]["threshold"] == "1%"
+    assert "tokens/s for two logged rows" in rows[1]["detail"]
+
+
+@pytest.mark.slow
+def test_rewinds_are_bounded_then_the_run_stops_with_exit_code_4(tmp_path, capsys):
+    # the NaN fires whenever step 3 runs (a reproducible fault): one rewind, then the run gives up
+    code = main(["train", "--config", str(MESHES / "single.yaml"), "--run-dir", str(tmp_path), *TINY,
+                 "train.steps=6", "logging.every=1", "checkpoint.every=2", "checkpoint.async_save=false",
+                 "faults.nan_step=3", "monitor.max_rewinds=1", "monitor.throughput_drop=0"])
+    assert code == 4
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stopped: loss became nan at step 3") and "monitor.max_rewinds = 1" in last
+    assert [(r["step"], r["kind"], r["action"]) for r in alerts_of(tmp_path)] == [(3, "nan", "rewind"),
+                                                                                  (3, "nan", "stop")]
