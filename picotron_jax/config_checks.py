@@ -403,7 +403,7 @@ def validate_monitor(cfg: Config) -> None:
     for name in ("warmup", "max_rewinds", "webhook_retries"):
         value = getattr(m, name)
         _need(value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
-    for name in ("spike_mads", "spike_min_rel", "disk_min_free_gb", "webhook_timeout_s"):
+    for name in ("spike_mads", "spike_min_rel", "grad_spike_min_rel", "disk_min_free_gb", "webhook_timeout_s"):
         value = getattr(m, name)
         _need(math.isfinite(value) and value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
     for name in ("throughput_drop", "memory_fraction", "host_memory_fraction"):

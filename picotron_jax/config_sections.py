@@ -289,6 +289,7 @@ class MonitorConfig:
     warmup: int = 20  # steps at the start of each run() whose loss and grad norm are not judged
     spike_mads: float = 8.0  # a spike: value > median + spike_mads x 1.4826 MAD of the window ...
     spike_min_rel: float = 0.25  # ... and > (1 + spike_min_rel) x median (ignores noise on a flat curve)
+    grad_spike_min_rel: float = 3.0  # the same for the grad norm, which is heavy-tailed (4 x median by default)
     throughput_drop: float = 0.5  # logged tokens/s below this fraction of the run's median: an anomaly; 0 = off
     memory_fraction: float = 0.95  # device memory in use above this fraction of its limit (GPU/TPU); 0 = off
     host_memory_fraction: float = 0.97  # host RAM in use above this fraction; 0 = off

@@ -8,7 +8,8 @@ Detectors (each anomaly becomes a row of RUN_DIR/alerts.jsonl through observe/al
   (embed, lm_head, ...) when every layer is finite. Read every `monitor.check_every` steps.
 * `loss_spike`, `grad_spike`: the value exceeds median + `spike_mads` x 1.4826 x MAD of the last
   `monitor.window` values *and* (1 + `spike_min_rel`) x median: robust rolling statistics, so a late
-  spike from 2 to 8 is flagged (Megatron's 10x-the-first-100-losses rule never would). The first
+  spike from 2 to 8 is flagged (Megatron's 10x-the-first-100-losses rule never would); for the grad
+  norm, which is heavy-tailed, `grad_spike_min_rel` replaces `spike_min_rel`. The first
   `monitor.warmup` steps of each `run()` are not judged; an anomalous value does not enter the window.
 * `throughput`: the logged tokens/s stays below `throughput_drop` x the run's median for two logged rows
   in a row (a row whose interval held a checkpoint save, a restore or an evaluation is not judged).
@@ -88,7 +89,7 @@ class Monitor(Callback):
         self.trainer = None
         m = self.m
         self.loss_window = RobustWindow(m.window, m.spike_mads, m.spike_min_rel)
-        self.grad_window = RobustWindow(m.window, m.spike_mads, m.spike_min_rel)
+        self.grad_window = RobustWindow(m.window, m.spike_mads, m.grad_spike_min_rel)
         self.throughputs: list[float] = []
         self._slow_rows = 0
         self._dirty = False  # a checkpoint save, restore or evaluation fell in the current throughput window
