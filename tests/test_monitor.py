@@ -184,6 +184,7 @@ def test_a_loss_spike_from_a_corrupted_batch_late_in_the_run_is_caught_at_its_st
 def test_a_throughput_drop_and_host_memory_pressure_are_each_detected(tmp_path):
     trainer = pj.Trainer(tiny("single", "train.steps=12", "logging.every=1", "faults.sleep_step=9",
                               "faults.sleep_steps=3", "faults.sleep_s=0.5", "monitor.throughput_drop=0.1",
+                              "monitor.warmup=2",
                               "monitor.host_memory_fraction=0.01"), tmp_path)
     trainer.run()
     rows = alerts_of(tmp_path)

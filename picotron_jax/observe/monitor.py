@@ -12,7 +12,8 @@ Detectors (each anomaly becomes a row of RUN_DIR/alerts.jsonl through observe/al
   norm, which is heavy-tailed, `grad_spike_min_rel` replaces `spike_min_rel`. The first
   `monitor.warmup` steps of each `run()` are not judged; an anomalous value does not enter the window.
 * `throughput`: the logged tokens/s stays below `throughput_drop` x the run's median for two logged rows
-  in a row (a row whose interval held a checkpoint save, a restore or an evaluation is not judged).
+  in a row, once 5 rows after the warm-up are known (a row whose interval held a checkpoint save, a
+  restore or an evaluation is not judged, nor a row of the warm-up steps).
 * `memory`: device memory in use above `memory_fraction` of its limit (GPU/TPU), host RAM above
   `host_memory_fraction`; `disk`: before a checkpoint step, less than `disk_min_free_gb` free in the run
   directory. Each is reported when it starts, again only after it has cleared.
@@ -178,7 +179,9 @@ class Monitor(Callback):
         dirty, self._dirty = self._dirty, False
         if self.m.throughput_drop <= 0 or not math.isfinite(tps) or dirty:
             return
-        median = float(np.median(self.throughputs)) if len(self.throughputs) >= 3 else math.nan
+        if row["step"] <= self._judge_from:  # the first steps of a run are slower (allocation, caches)
+            return
+        median = float(np.median(self.throughputs)) if len(self.throughputs) >= 5 else math.nan
         if math.isfinite(median) and tps < self.m.throughput_drop * median:
             self._slow_rows += 1
             if self._slow_rows == 2:
