@@ -158,7 +158,7 @@ class Monitor(Callback):
                                                                            "layer_stats_step") if k in outputs}),
                                  modules(trainer.state.params))
             what = "loss" if not math.isfinite(loss) else "gradient"
-            detail = f"{what} became {loss if what == 'loss' else grad_norm} (loss {loss}, grad norm {grad_norm})"
+            detail = f"{what} became {loss if what == 'loss' else grad_norm} (loss {loss:.5g}, grad norm {grad_norm:.5g})"
             self._act(trainer, step, "nan", detail, where, "finite", self.m.on_nan, finite_state=False,
                       message=f"{what} became {loss if what == 'loss' else grad_norm} at step {step}"
                               f"{f' ({where})' if where else ''}: the run diverged; resume from the last checkpoint "
