@@ -181,16 +181,19 @@ def test_a_loss_spike_from_a_corrupted_batch_late_in_the_run_is_caught_at_its_st
 
 
 @pytest.mark.slow
-def test_a_throughput_drop_and_host_memory_pressure_are_each_detected(tmp_path):
+def test_a_throughput_drop_host_memory_pressure_and_a_full_disk_are_each_detected(tmp_path):
+    # thresholds set so that this machine is "out" of RAM and disk; the sleep fault slows steps 9-11
     trainer = pj.Trainer(tiny("single", "train.steps=12", "logging.every=1", "faults.sleep_step=9",
                               "faults.sleep_steps=3", "faults.sleep_s=0.5", "monitor.throughput_drop=0.1",
-                              "monitor.warmup=2",
-                              "monitor.host_memory_fraction=0.01"), tmp_path)
+                              "monitor.warmup=2", "monitor.host_memory_fraction=0.01", "checkpoint.every=5",
+                              "monitor.disk_min_free_gb=100000000"), tmp_path)
     trainer.run()
     rows = alerts_of(tmp_path)
-    assert [(r["step"], r["kind"], r["where"]) for r in rows] == [(1, "memory", "host"), (10, "throughput", "")]
+    assert [(r["step"], r["kind"], r["where"]) for r in rows] == [(1, "memory", "host"), (5, "disk", str(tmp_path)),
+                                                                  (10, "throughput", "")]
     assert "host RAM" in rows[0]["detail"] and rows[0]["threshold"] == "1%"
-    assert "tokens/s for two logged rows" in rows[1]["detail"]
+    assert "GiB free before the checkpoint of step 5" in rows[1]["detail"]
+    assert "tokens/s for two logged rows" in rows[2]["detail"]  # rows after a save (6, 11) are not judged
 
 
 @pytest.mark.slow
