@@ -24,6 +24,8 @@ from picotron_jax.faults import FaultInjector
 from picotron_jax.generate import SampleAtEnd
 from picotron_jax.observe.console import ConsoleLog, ProgressBar
 from picotron_jax.observe.metrics import MetricsFile, StopOnNonFiniteLoss
+from picotron_jax.observe.monitor import Monitor
+from picotron_jax.observe.sinks import PrometheusSink, TensorBoardSink
 from picotron_jax.train.promotion import PrecisionPromotion
 
 REGISTRY: dict[str, Callable] = {}
@@ -74,15 +76,26 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         out.append(FaultInjector(f, run_dir))
     if cfg.precision.mode == "fp16" and cfg.precision.promote_after > 0:
         out.append(PrecisionPromotion())
-    out.append(StopOnNonFiniteLoss())
+    monitor = None
+    if cfg.monitor.enabled:  # detectors and actions (observe/monitor.py); they replace the plain NaN stop
+        monitor = Monitor(cfg, run_dir)
+        out.append(monitor)
+    else:
+        out.append(StopOnNonFiniteLoss())
     if cfg.data.mixture or _is_store(cfg.data.source):  # cache counters / per-source tokens into the rows
         from picotron_jax.data.stats import DataStats
 
         out.append(DataStats())
-    out.append(NonFiniteGuard())  # every step's loss and gradient norm, checked on the device
+    # the state is checked on the device before every save; without the monitor (whose on_nan action owns
+    # non-finite steps) every step's loss and gradient norm are checked too
+    out.append(NonFiniteGuard(per_step=monitor is None))
     out.append(CheckpointSaver())  # before the console: the final save is reported before the summary
     if main and run_dir is not None:
         out.append(MetricsFile(run_dir / "metrics.jsonl"))
+        if cfg.monitor.tensorboard:
+            out.append(TensorBoardSink(run_dir / "tensorboard"))
+    if main and cfg.monitor.prometheus_port:
+        out.append(PrometheusSink(cfg.monitor.prometheus_port, monitor))
     if main:
         out.append(ConsoleLog())
         if cfg.logging.progress:

@@ -39,6 +39,7 @@ from picotron_jax.config_sections import (  # noqa: F401  (re-exported: callers 
     SPIKE_KINDS,
     FaultsConfig,
     ProfileConfig,
+    MonitorConfig,
     BenchConfig,
     PRECISION_MODES,
     MATMUL_PRECISIONS,
@@ -75,6 +76,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

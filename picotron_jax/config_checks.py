@@ -237,6 +237,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_eval(cfg, sizes)
     validate_generate(cfg)
     validate_faults(cfg, sizes)
+    validate_monitor(cfg)
     validate_profile(cfg)
     validate_debug(cfg)
     validate_curriculum(cfg, sizes)
@@ -459,3 +460,32 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
         _need(not c.constant_tokens or T % L == 0,
               f"config field '{where}' = {L}: with curriculum.constant_tokens=true it must divide train.seq_len = "
               f"{T} (each row of the full batch is cut into seq_len / L rows); e.g. {T // 2 ** max(0, (T // L).bit_length() - 1)}")
+def validate_monitor(cfg: Config) -> None:
+    """The `monitor` section (observe/monitor.py); the webhook is only tried when an alert is sent."""
+    from picotron_jax.config_sections import MONITOR_ACTIONS
+
+    m = cfg.monitor
+    allowed = {"on_nan": MONITOR_ACTIONS, "on_spike": ("log", "alert", "rewind", "stop"),
+               "on_throughput": ("log", "alert", "stop"), "on_memory": ("log", "alert", "stop")}
+    for name, actions in allowed.items():
+        value = getattr(m, name)
+        _need(value in actions, f"config field 'monitor.{name}' = {value!r}: valid actions are {', '.join(actions)}")
+    for name in ("layer_every", "check_every", "window"):
+        value = getattr(m, name)
+        _need(value >= 1, f"config field 'monitor.{name}' = {value}: must be >= 1 (steps)")
+    for name in ("warmup", "max_rewinds", "webhook_retries"):
+        value = getattr(m, name)
+        _need(value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
+    for name in ("spike_mads", "spike_min_rel", "grad_spike_min_rel", "disk_min_free_gb", "webhook_timeout_s"):
+        value = getattr(m, name)
+        _need(math.isfinite(value) and value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
+    for name in ("throughput_drop", "memory_fraction", "host_memory_fraction"):
+        value = getattr(m, name)
+        _need(0 <= value <= 1, f"config field 'monitor.{name}' = {value}: must be a fraction from 0 (off) to 1")
+    _need(0 <= m.prometheus_port < 65536,
+          f"config field 'monitor.prometheus_port' = {m.prometheus_port}: must be a TCP port, or 0 (off)")
+    _need(not m.webhook_url or m.webhook_url.startswith(("http://", "https://")),
+          f"config field 'monitor.webhook_url' = {m.webhook_url!r}: must be an http:// or https:// URL, or empty")
+    _need(m.on_nan != "skip" or cfg.precision.mode != "fp16",
+          "config field 'monitor.on_nan' = 'skip': fp16 runs already skip non-finite steps (the loss scaler); "
+          "use rewind, alert or stop with precision.mode fp16")

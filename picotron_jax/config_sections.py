@@ -331,3 +331,34 @@ class MetaConfig:
     eval_tasks: int = 100  # held-out tasks of the adaptation curves
     eval_steps: int = 10  # the curves: query loss after 0 .. eval_steps inner steps
     log_every: int = 100
+MONITOR_ACTIONS = ("log", "alert", "skip", "rewind", "stop")
+
+
+@dataclass
+class MonitorConfig:
+    """Real-time monitoring (picotron_jax/observe/monitor.py): in-step statistics, anomaly detectors with
+    actions, alerts (alerts.jsonl, console banner, webhook) and sinks (TensorBoard, Prometheus)."""
+
+    enabled: bool = True  # detectors and alerts; false = only the plain non-finite-loss stop
+    layer_stats: bool = True  # per-layer gradient / parameter / update norms computed inside the jitted step
+    layer_every: int = 10  # ... on every this many steps (and on any step whose gradient is non-finite)
+    check_every: int = 1  # the detectors read the step's loss and grad norm every this many steps (a host sync)
+    window: int = 50  # steps of the rolling median / MAD of loss and grad norm
+    warmup: int = 20  # steps at the start of each run() whose loss and grad norm are not judged
+    spike_mads: float = 8.0  # a spike: value > median + spike_mads x 1.4826 MAD of the window ...
+    spike_min_rel: float = 0.25  # ... and > (1 + spike_min_rel) x median (ignores noise on a flat curve)
+    grad_spike_min_rel: float = 3.0  # the same for the grad norm, which is heavy-tailed (4 x median by default)
+    throughput_drop: float = 0.5  # logged tokens/s below this fraction of the run's median: an anomaly; 0 = off
+    memory_fraction: float = 0.95  # device memory in use above this fraction of its limit (GPU/TPU); 0 = off
+    host_memory_fraction: float = 0.97  # host RAM in use above this fraction; 0 = off
+    disk_min_free_gb: float = 1.0  # before a checkpoint save: less free space than this in the run dir; 0 = off
+    on_nan: str = "rewind"  # log | alert | skip (inside the step) | rewind | stop; rewind without a checkpoint = stop
+    on_spike: str = "alert"  # log | alert | rewind | stop (loss spike and grad-norm spike)
+    on_throughput: str = "alert"  # log | alert | stop
+    on_memory: str = "alert"  # log | alert | stop (device memory, host memory, disk space)
+    max_rewinds: int = 3  # rewinds allowed in one run; one more anomaly asking for a rewind stops the run
+    tensorboard: bool = True  # RUN_DIR/tensorboard/ event files (tensorboardX): scalars, layer histograms, config
+    prometheus_port: int = 0  # serve the latest row as Prometheus text at http://127.0.0.1:PORT/metrics; 0 = off
+    webhook_url: str = ""  # POST every alert as JSON to this URL (a background thread; never blocks a step)
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = 2

@@ -19,7 +19,7 @@ def test_a_nan_between_logged_steps_is_caught_on_the_device_and_never_checkpoint
     """The NaN fault at step 3 while only every 20th step is logged and every step is saved: the run ends
     at the save of step 3 with one line naming step 3; the checkpoints on disk are steps 1 and 2, finite."""
     cfg = tiny("single", "train.steps=6", "logging.every=20", "checkpoint.every=1", "checkpoint.keep=0",
-               "checkpoint.async_save=false", "faults.nan_step=3", "faults.nan_layer=0")
+               "checkpoint.async_save=false", "faults.nan_step=3", "faults.nan_layer=0", "monitor.enabled=false")
     trainer = pj.Trainer(cfg, tmp_path)
     with pytest.raises(pj.RunAborted, match="non-finite at step 3"):
         trainer.run()
@@ -35,7 +35,7 @@ def test_a_nan_between_logged_steps_is_caught_on_the_device_and_never_checkpoint
 def test_a_diverging_run_with_a_huge_learning_rate_writes_only_finite_checkpoints(tmp_path):
     cfg = tiny("single", "train.steps=30", "logging.every=20", "checkpoint.every=1", "checkpoint.keep=0",
                "checkpoint.async_save=false", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
-               "optimizer.grad_clip=0")
+               "optimizer.grad_clip=0", "monitor.enabled=false")
     trainer = pj.Trainer(cfg, tmp_path)
     with pytest.raises(pj.RunAborted, match="non-finite"):
         trainer.run()

@@ -54,10 +54,13 @@ def diverged_message(step: int, what: str) -> str:
 class NonFiniteGuard(Callback):
     """Folds every step's loss and gradient norm into a device flag; a logged step reads it (module doc)."""
 
-    def __init__(self):
+    def __init__(self, per_step: bool = True):
+        self.per_step = per_step  # False: the monitor's on_nan action owns non-finite steps; saves are still checked
         self._first_bad = None  # device int32 scalar: 0 = every step so far was finite
 
     def on_run_start(self, trainer):
+        if not self.per_step:
+            return
         self._first_bad = np.zeros((), np.int32)  # a host value: fine for every layout and process count
         self._fp16 = trainer.cfg.precision.mode == "fp16"
 

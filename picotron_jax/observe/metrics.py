@@ -21,6 +21,7 @@ from picotron_jax.callback import Callback
 from picotron_jax.errors import RunAborted
 from picotron_jax.observe.flops import flops_per_token
 from picotron_jax.observe.memory import device_memory_stats, live_arrays_stats
+from picotron_jax.observe.step_fields import row_fields
 from picotron_jax.train import moe_aux
 
 
@@ -110,6 +111,7 @@ class StepRows:
             "time_s": time.perf_counter() - self.t_start,
             **moe_aux.log_fields(self.cfg, metrics),
         }
+        row.update(row_fields(metrics))  # the monitor's in-step statistics (observe/step_fields.py)
         if "loss_scale" in metrics:  # fp16 (train/precision.py)
             row.update(loss_scale=float(metrics["loss_scale"]), skipped_steps=int(metrics["skipped_steps"]))
         row.update(memory_stats)

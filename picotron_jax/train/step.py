@@ -21,7 +21,7 @@ from picotron_jax.errors import UserError
 from picotron_jax.parallel.ops import MeshOps
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
-from picotron_jax.train import faults, moe_aux
+from picotron_jax.train import faults, moe_aux, monitor_stats
 from picotron_jax.train import precision as mp
 from picotron_jax.train.remat import make_layer_stack
 from picotron_jax.train.state import StateSetup, TrainState
@@ -178,6 +178,14 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
             params = optax.apply_updates(state.params, updates)
             params = moe_aux.update_router_bias(cfg.moe, state.params, params, metrics)
             metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
+        if cfg.monitor.enabled:  # the monitor's in-step statistics (train/monitor_stats.py)
+            metrics = {**metrics, **monitor_stats.step_stats(cfg, state.step, state.params, grads, updates,
+                                                             metrics["grad_norm"])}
+            if cfg.monitor.on_nan == "skip":  # a non-finite gradient: this step's update is not applied
+                finite = jnp.isfinite(metrics["grad_norm"])
+                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (params, opt_state), (state.params, state.opt_state))
+                metrics = {**metrics, "update_skipped": ~finite}
         if scaler is not None:  # fp16: skip the update on non-finite gradients, adjust the scale
             finite = mp.all_finite(grads)
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731

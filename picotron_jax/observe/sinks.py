@@ -1,0 +1,131 @@
+"""Metric sinks besides metrics.jsonl (config `monitor`): TensorBoard event files and a Prometheus endpoint.
+
+`TensorBoardSink` writes RUN_DIR/tensorboard/ with tensorboardX: every numeric field of a training row
+as the scalar `train/FIELD` (the loss is `train/loss`), evaluation rows as `eval/FIELD`, the per-layer
+lists (observe/step_fields.py) as histograms `layers/FIELD` and as scalars `layers/FIELD/L`, and the
+run's config as the text `config` (main process only).
+
+`PrometheusSink` serves the newest row at http://127.0.0.1:PORT/metrics (prometheus-client): every
+numeric field as the gauge `picotron_FIELD` (`picotron_eval_FIELD` for evaluation rows) and the anomaly
+count as `picotron_anomalies`. A port already in use is a UserError at start.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from pathlib import Path
+
+import yaml
+
+from picotron_jax.callback import Callback
+from picotron_jax.errors import UserError
+from picotron_jax.observe.step_fields import LAYER_FIELDS
+
+
+def _numbers(row: dict):
+    for key, value in row.items():
+        if isinstance(value, bool) or key == "kind":
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            yield key, float(value)
+
+
+class TensorBoardSink(Callback):
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.writer = None
+
+    def _open(self):
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.directory), flush_secs=10)
+        return self.writer
+
+    def on_run_start(self, trainer):
+        w = self._open()
+        w.add_text("config", "```yaml\n" + yaml.safe_dump(trainer.cfg.to_dict(), sort_keys=False) + "```",
+                   trainer.step_count)
+
+    def on_log(self, trainer, row):
+        w, step = self._open(), row["step"]
+        for key, value in _numbers(row):
+            if key != "step":
+                w.add_scalar(f"train/{key}", value, step)
+        for key in LAYER_FIELDS:
+            if key in row:
+                values = [v for v in row[key] if math.isfinite(v)]
+                if values:
+                    w.add_histogram(f"layers/{key}", values, step)
+                for layer, v in enumerate(row[key]):
+                    if math.isfinite(v):
+                        w.add_scalar(f"layers/{key}/{layer}", v, step)
+
+    def on_eval(self, trainer, row):
+        w = self._open()
+        for key, value in _numbers(row):
+            if key != "step":
+                w.add_scalar(f"eval/{key}", value, row["step"])
+
+    def on_run_end(self, trainer, summary):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def on_close(self, trainer):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def check_port_free(port: int, field: str) -> None:
+    """UserError naming `field` when 127.0.0.1:port cannot be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UserError(f"config field '{field}' = {port}: that port is in use on 127.0.0.1 ({exc.strerror}); "
+                            f"choose a free port or 0 (off)") from None
+
+
+class PrometheusSink(Callback):
+    def __init__(self, port: int, monitor=None):
+        from prometheus_client import CollectorRegistry
+
+        check_port_free(port, "monitor.prometheus_port")
+        self.port, self.monitor = port, monitor
+        self.registry = CollectorRegistry()
+        self.gauges: dict = {}
+        self.server = None
+
+    def on_run_start(self, trainer):
+        if self.server is None:
+            from prometheus_client import start_http_server
+
+            self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+
+    def _set(self, name: str, value: float) -> None:
+        from prometheus_client import Gauge
+
+        name = "picotron_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
+        if name not in self.gauges:
+            self.gauges[name] = Gauge(name, f"picotron-jax row field {name[len('picotron_'):]}",
+                                      registry=self.registry)
+        self.gauges[name].set(value)
+
+    def on_log(self, trainer, row):
+        for key, value in _numbers(row):
+            self._set(key, value)
+        if self.monitor is not None and self.monitor.alerts is not None:
+            self._set("anomalies", len(self.monitor.alerts.rows))
+
+    def on_eval(self, trainer, row):
+        for key, value in _numbers(row):
+            self._set(key if key.startswith("eval_") else f"eval_{key}", value)
+
+    def on_close(self, trainer):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
