@@ -153,6 +153,8 @@ class Monitor(Callback):
     # -- detectors ---------------------------------------------------------------------------
     def _check_step(self, trainer, step: int, loss: float, grad_norm: float, outputs: dict) -> None:
         self._checked = step
+        if self.cfg.precision.mode == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm):
+            return  # the loss scaler's overflow: a skipped step (counted in skipped_steps), not a divergence
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             where = nan_location(jax.device_get({k: outputs[k] for k in ("layer_grad_finite", "module_grad_finite",
                                                                            "layer_stats_step") if k in outputs}),
