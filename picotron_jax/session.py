@@ -164,6 +164,8 @@ class Session:
         if location is None:
             raise UserError("this trainer has no checkpoint folder to restore from: give it a run_dir, or set "
                             "checkpoint.dir")
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.wait()  # an asynchronous save still being written is a checkpoint to restore
         store = self.checkpointer.store if fallback and getattr(self, "checkpointer", None) else None
         state, _, where = restore_train_state(location, self.built.setup.abstract, self.built.setup.shardings, self.cfg,
                                               self.say, store, set_aside_unusable=fallback and self.run_dir is not None)

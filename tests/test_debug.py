@@ -140,7 +140,7 @@ def test_a_desynchronised_replica_is_caught_at_the_next_check_naming_the_array_a
 def test_an_injected_nan_in_a_layers_forward_is_traced_to_that_layer_and_op(tmp_path, capsys):
     """The run stops at step 3 (NaN in layer 1's output); `debug nan --step 3` replays it from checkpoint 2."""
     cfg = tiny("single", "train.steps=4", "logging.every=1", "checkpoint.every=2", "faults.nan_step=3",
-               "faults.nan_layer=1")
+               "faults.nan_layer=1", "monitor.on_nan=stop")
     with pj.Trainer(cfg, tmp_path) as trainer, pytest.raises(pj.RunAborted):
         trainer.run()
     capsys.readouterr()

@@ -122,6 +122,18 @@ def test_nan_in_one_layers_gradient_is_caught_at_its_step_named_and_rewound(rewo
     assert all(len(r["layer_grad_norm"]) == 3 for r in metrics_rows if "layer_grad_norm" in r)
 
 
+def test_a_rewind_right_after_an_asynchronous_save_restores_that_save(tmp_path):
+    """The NaN one step after an asynchronous save: the rewind waits for that save instead of finding no
+    checkpoint (it did: 'no checkpoint in RUN_DIR/checkpoints')."""
+    cfg = tiny("single", "train.steps=4", "logging.every=1", "checkpoint.every=2", "faults.nan_step=3",
+               "faults.nan_layer=1", "faults.transient=true", "monitor.throughput_drop=0")
+    with pj.Trainer(cfg, tmp_path) as trainer:
+        summary = trainer.run()
+    assert not summary.error and summary.steps == 4
+    assert [r["step"] for r in trainer.history if r["kind"] == "train"] == [1, 2, 3, 3, 4]
+    assert [(r["step"], r["action"]) for r in alerts_of(tmp_path)] == [(3, "rewind")]
+
+
 def test_the_alert_reaches_the_webhook_as_the_documented_json(rewound):
     run_dir, _, _, bodies, _, _ = rewound
     assert bodies == alerts_of(run_dir)
