@@ -26,7 +26,7 @@ from picotron_jax.observe.hlo import computation_runs, device_groups, instructio
 
 # named scopes of the model and the step, in the order the report lists them
 MODULES = ("embed", "attn_norm", "qkv", "attention", "attn_out", "mlp_norm", "mlp", "moe_router", "moe_dispatch",
-           "moe_experts", "moe_combine", "moe_shared", "final_norm", "head", "optimizer", "other")
+           "moe_experts", "moe_combine", "moe_shared", "final_norm", "head", "optimizer", "monitor", "other")
 CONTROL = ("while", "conditional", "call", "async-start", "async-done", "async-update")
 TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "logistic", "power", "sqrt", "cbrt",
                   "rsqrt", "tanh", "sine", "cosine", "tan", "atan2", "erf", "acosh"}
@@ -165,7 +165,7 @@ def _module(op_name: str) -> str:
 
 
 def _phase(op_name: str, module: str) -> str:
-    if module == "optimizer":
+    if module in ("optimizer", "monitor"):  # after the backward pass: the update and the monitor's statistics
         return "update"
     if "rematted_computation" in op_name:
         return "recompute"

@@ -179,8 +179,9 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
             params = moe_aux.update_router_bias(cfg.moe, state.params, params, metrics)
             metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": setup.schedule(state.step)}
         if cfg.monitor.enabled:  # the monitor's in-step statistics (train/monitor_stats.py)
-            metrics = {**metrics, **monitor_stats.step_stats(cfg, state.step, state.params, grads, updates,
-                                                             metrics["grad_norm"])}
+            with jax.named_scope("monitor"):
+                metrics = {**metrics, **monitor_stats.step_stats(cfg, state.step, state.params, grads, updates,
+                                                                 metrics["grad_norm"])}
             if cfg.monitor.on_nan == "skip":  # a non-finite gradient: this step's update is not applied
                 finite = jnp.isfinite(metrics["grad_norm"])
                 params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
