@@ -77,6 +77,7 @@ def count_compiles():
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
+@pytest.mark.slow  # compiles one step per length bucket (the heaviest curriculum test)
 def test_train_step_compiles_once_per_length_bucket_and_rows_log_the_stage():
     cfg = tiny("single", "train.steps=6", "train.seed=3", *WARMUP)
     trainer = pj.Trainer(cfg)

@@ -144,6 +144,7 @@ def _search(tmp, name: str, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # compiles every candidate layout, then measures the best
 def test_tune_layout_end_to_end(tmp_path):
     """d8, d4 t2, d2 t4 (t8 is rejected: 4 heads), ZeRO 0; the best predicted is measured."""
     rep = _search(tmp_path, "a", "--zero", "0", "--top", "1")
