@@ -65,18 +65,9 @@ def primitive_dtypes(closed_jaxpr, primitive: str, operand: int | None = None) -
     dtype of their output (or of operand `operand`): the program's own dtypes, not the policy's."""
     from collections import Counter
 
-    from jax.extend import core as jex_core
+    from picotron_jax.memory.flops import sub_jaxprs
 
     counts: Counter = Counter()
-
-    def subs(value):
-        if isinstance(value, jex_core.ClosedJaxpr):
-            yield value.jaxpr
-        elif isinstance(value, jex_core.Jaxpr):
-            yield value
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                yield from subs(v)
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
@@ -84,7 +75,7 @@ def primitive_dtypes(closed_jaxpr, primitive: str, operand: int | None = None) -
                 var = eqn.outvars[0] if operand is None else eqn.invars[operand]
                 counts[str(var.aval.dtype)] += 1
             for value in eqn.params.values():
-                for sub in subs(value):
+                for sub in sub_jaxprs(value):
                     walk(sub)
 
     walk(closed_jaxpr.jaxpr)

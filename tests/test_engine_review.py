@@ -13,6 +13,7 @@ from picotron_jax.errors import UserError
 from picotron_jax.observe.hlo import collective_bytes
 from picotron_jax.run import build_run
 from picotron_jax.train.step import build_grad_fn
+from picotron_jax.memory.flops import sub_jaxprs
 
 
 def test_zero_refuses_a_data_axis_that_does_not_divide_hidden_size():
@@ -110,21 +111,9 @@ def test_expert_parallel_matches_single_device_with_drops():
     assert_grads_close(ep_grads, one_grads)
 
 
-def _subjaxprs(value):
-    from jax.extend import core as jex_core
-
-    if isinstance(value, jex_core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jex_core.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _subjaxprs(v)
-
-
 def _has_dot(eqn) -> bool:
     return eqn.primitive.name == "dot_general" or any(
-        _has_dot(e) for value in eqn.params.values() for sub in _subjaxprs(value) for e in sub.eqns)
+        _has_dot(e) for value in eqn.params.values() for sub in sub_jaxprs(value) for e in sub.eqns)
 
 
 def ring_steps_waiting_on_their_transfer(jaxpr) -> tuple[int, int]:
@@ -136,7 +125,7 @@ def ring_steps_waiting_on_their_transfer(jaxpr) -> tuple[int, int]:
         nonlocal bodies, waiting
         for eqn in jx.eqns:
             for value in eqn.params.values():
-                for sub in _subjaxprs(value):
+                for sub in sub_jaxprs(value):
                     if eqn.primitive.name == "scan" and any(e.primitive.name == "ppermute" for e in sub.eqns):
                         bodies += 1
                         tainted: set = set()

@@ -16,14 +16,15 @@ from typing import Any
 from jax.extend import core as jex_core
 
 
-def _sub_jaxprs(value: Any):
+def sub_jaxprs(value: Any):
+    """The jaxprs an equation parameter holds (scan, cond, pjit, custom_vjp bodies, ...)."""
     if isinstance(value, jex_core.ClosedJaxpr):
         yield value.jaxpr
     elif isinstance(value, jex_core.Jaxpr):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from _sub_jaxprs(v)
+            yield from sub_jaxprs(v)
 
 
 def _dot_flops(eqn) -> float:
@@ -42,7 +43,7 @@ def jaxpr_flops(jaxpr: jex_core.Jaxpr, devices: int = 1) -> float:
             total += _dot_flops(eqn)
             continue
         inner = 0.0
-        branches = [jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        branches = [jaxpr_flops(j) for v in eqn.params.values() for j in sub_jaxprs(v)]
         if not branches:
             continue
         if name == "cond":
