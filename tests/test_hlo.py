@@ -16,8 +16,8 @@ from picotron_jax.observe.hlo import (  # noqa: E402
     MAIN_KINDS,
     collective_bytes,
     collective_stats,
-    shape_bytes,
 )
+from picotron_jax.observe.hlo_shapes import shape_bytes  # noqa: E402
 
 N = 8  # devices
 L = 1024  # elements per device

@@ -78,7 +78,7 @@ class Program:
 
 
 def _elements(shape) -> int:
-    from picotron_jax.observe.hlo import _leaves  # shape trees of observe/hlo.py
+    from picotron_jax.observe.hlo_shapes import _leaves  # shape trees of HLO types
 
     total = 0
     for leaf in _leaves(shape):
@@ -94,7 +94,7 @@ def _elements(shape) -> int:
 
 
 def _dims(shape) -> list[int]:
-    from picotron_jax.observe.hlo import _leaves
+    from picotron_jax.observe.hlo_shapes import _leaves
 
     leaf = _leaves(shape)[0]
     return [int(d) for d in leaf.dims.split(",") if d.strip().isdigit()]
@@ -209,7 +209,7 @@ def build_program(hlo_text: str, mesh_shape: tuple[int, ...]) -> Program:
             op = Op(ins.name, ins.opcode, module, _phase(op_name, module), flops.instruction(ins, comp),
                     weights.get(cname, 1), runs.get(cname, 1), op_name=op_name,
                     control=ins.opcode in CONTROL, loop=loops.get(cname, ""))
-            from picotron_jax.observe.hlo import _tree_bytes
+            from picotron_jax.observe.hlo_shapes import _tree_bytes
 
             op.out_bytes = _tree_bytes(ins.shape)
             if op.control:
