@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +10,7 @@ import pytest
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-from helpers import preset  # noqa: E402
+from helpers import free_port, moto_server, preset  # noqa: E402
 from picotron_jax.config import DataConfig  # noqa: E402
 from picotron_jax.data.prepare import prepare_store  # noqa: E402
 from picotron_jax.data.sources import open_dataset  # noqa: E402
@@ -26,29 +21,9 @@ from picotron_jax.run import build_run  # noqa: E402
 from picotron_jax.train.state import init_train_state  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):  # up to 20 s for the server to answer
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    yield from moto_server()
 
 
 @pytest.fixture(scope="module")

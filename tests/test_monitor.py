@@ -18,18 +18,13 @@ from picotron_jax.errors import UserError
 from picotron_jax.observe.monitor import Monitor, RobustWindow
 from helpers import MESHES
 from picotron_jax.cli import main
+from helpers import free_port
 from test_api import TINY, params_of, tiny
 
 
 def alerts_of(run_dir):
     path = run_dir / "alerts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Hook:
