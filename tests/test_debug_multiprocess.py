@@ -4,17 +4,13 @@ a hung process is named in the hang report, processes with different configs are
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from helpers import MESHES
 from picotron_jax.cli import main
 from picotron_jax.distributed import EXIT_PEER_LOST
-from picotron_jax.launch import child_env, free_port
-from test_multiprocess import FAST, REPO, corpus, run_launcher  # noqa: F401 - corpus is a fixture
+from test_multiprocess import FAST, REPO, corpus, run_launcher, train_two_processes_by_hand  # noqa: F401 - corpus is a fixture
 
 
 @pytest.mark.slow
@@ -45,27 +41,7 @@ def test_a_hung_process_is_named_in_the_hang_report_with_its_phase(tmp_path, cor
 
 
 def test_processes_with_different_configs_are_refused_at_start_naming_the_field(tmp_path, corpus):  # noqa: F811
-    coordinator = f"127.0.0.1:{free_port()}"
-    env = child_env(dict(os.environ), 4)
-    procs, outs = [], []
-    for i in range(2):
-        out = open(tmp_path / f"p{i}.out", "w")
-        outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "picotron_jax", "train", "--config", str(MESHES / "dp8.yaml"), "--run-dir",
-             str(tmp_path / "run"), *FAST, *corpus, f"model.num_layers={2 + i}",
-             f"distributed.coordinator={coordinator}", "distributed.num_processes=2", f"distributed.process_id={i}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
-    try:
-        for p in procs:
-            p.wait(timeout=150)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        for out in outs:
-            out.close()
+    procs = train_two_processes_by_hand(tmp_path, lambda i: [*corpus, f"model.num_layers={2 + i}"])
     texts = [(tmp_path / f"p{i}.out").read_text() for i in range(2)]
     codes = [p.returncode for p in procs]
     assert set(codes) <= {2, EXIT_PEER_LOST} and 2 in codes, (codes, texts[0][-3000:], texts[1][-3000:])

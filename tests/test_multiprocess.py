@@ -463,20 +463,20 @@ def test_killing_the_coordinator_stops_the_other_at_once(tmp_path, corpus):
     assert "leader task was preempted/died" in (tmp_path / "run" / "process-1.log").read_text()
 
 
-def test_an_error_in_one_process_stops_the_other_at_once_with_the_error(tmp_path, corpus):
-    """Without the launcher: process 1 alone cannot read its data (a user error after start-up)."""
+def train_two_processes_by_hand(tmp_path, args_of, devices_per_process: int = 4) -> list:
+    """`picotron-jax train` on dp8 as two processes without the launcher (process i gets `args_of(i)` as extra
+    overrides); waits for both (150 s at most) and returns them; their output is in tmp_path/p<i>.out."""
     from picotron_jax.launch import free_port
 
     coordinator = f"127.0.0.1:{free_port()}"
-    env = child_env(dict(os.environ), 4)
+    env = child_env(dict(os.environ), devices_per_process)
     procs, outs = [], []
     for i in range(2):
-        source = corpus[0] if i == 0 else "data.source=/nonexistent/corpus.txt"
         out = open(tmp_path / f"p{i}.out", "w")
         outs.append(out)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "picotron_jax", "train", "--config", str(MESHES / "dp8.yaml"), "--run-dir",
-             str(tmp_path / "run"), *FAST, source, corpus[1], f"distributed.coordinator={coordinator}",
+             str(tmp_path / "run"), *FAST, *args_of(i), f"distributed.coordinator={coordinator}",
              "distributed.num_processes=2", f"distributed.process_id={i}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
     try:
@@ -489,6 +489,13 @@ def test_an_error_in_one_process_stops_the_other_at_once_with_the_error(tmp_path
                 p.wait(timeout=10)
         for out in outs:
             out.close()
+    return procs
+
+
+def test_an_error_in_one_process_stops_the_other_at_once_with_the_error(tmp_path, corpus):
+    """Without the launcher: process 1 alone cannot read its data (a user error after start-up)."""
+    procs = train_two_processes_by_hand(tmp_path, lambda i: [corpus[0] if i == 0 else "data.source=/nonexistent/corpus.txt",
+                                                     corpus[1]])
     text0 = (tmp_path / "p0.out").read_text()
     assert procs[1].returncode == 2 and procs[0].returncode == EXIT_PEER_LOST, text0[-3000:]
     assert "process 1 of 2" in text0 and "failed: UserError:" in text0 and "nonexistent" in text0
