@@ -91,7 +91,12 @@ def s3_kvstore_spec(url: str) -> dict:
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise UserError(f"checkpoint path {url!r}: an S3 path must look like s3://bucket/prefix")
-    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": prefix.strip("/") + "/" if prefix else ""}
+    return {"driver": "s3", "bucket": bucket, "path": prefix.strip("/") + "/" if prefix else "", **aws_environment()}
+
+
+def aws_environment() -> dict[str, str]:
+    """The s3 kvstore's `endpoint` and `aws_region` from the AWS environment variables, where they are set."""
+    spec = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         spec["endpoint"] = endpoint

@@ -9,7 +9,6 @@ MinIO) works in tests.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,9 @@ def kvstore_spec(location: str) -> dict[str, Any]:
             spec: dict[str, Any] = {"driver": driver, "bucket": bucket,
                                     "path": prefix.strip("/") + "/" if prefix.strip("/") else ""}
             if driver == "s3":
-                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                if endpoint:
-                    spec["endpoint"] = endpoint
-                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                if region:
-                    spec["aws_region"] = region
+                from picotron_jax.checkpoint.storage import aws_environment
+
+                spec.update(aws_environment())
             return spec
     if "://" in location and not location.startswith("file://"):
         raise UserError(f"data store {location!r}: unknown scheme; use a local folder, s3://bucket/prefix or "
