@@ -38,6 +38,40 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 }
 # ZeRO: parameters (stage 3) / optimizer state (stages 1 and 3) are additionally split over `data`.
 ZERO_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_RULES, "embed": ("data",)}
+(ZERO_AXIS,) = ZERO_RULES["embed"]  # the axis ZeRO shards over and reduce-scatters gradients on (parallel/zero.py)
+(TENSOR,) = LOGICAL_RULES["kv_heads"]
+# KV heads fewer than tensor ranks: the tensor axis seen as (kv_groups, kv_copies), see `kv_head_mesh`
+KV_GROUPS, KV_COPIES = "kv_groups", "kv_copies"
+
+
+def kv_head_mesh(mesh: Mesh, kv_heads: int) -> Mesh | None:
+    """The mesh on which G KV heads split over `tensor` = t > G ranks (t a multiple of G, as config
+    validation requires): the same devices with `tensor` split into (kv_groups = G, kv_copies = t/G),
+    so tensor ranks g*t/G .. (g+1)*t/G - 1, the ranks whose query heads use KV head g, hold head g
+    (Megatron's replicated KV heads: each rank holds 1/G of wk and wv, not all of them). None when
+    G divides by t (the plain rule splits it) or t == 1."""
+    t = mesh.shape[TENSOR]
+    if t == 1 or kv_heads % t == 0 or t % kv_heads:
+        return None
+    if mesh.axis_names[-1] != TENSOR:
+        raise ValueError(f"the tensor axis must be the innermost mesh axis, got {mesh.axis_names}")
+    names = mesh.axis_names[:-1]
+    inner = mesh.devices.reshape(*(mesh.shape[a] for a in names), kv_heads, t // kv_heads)
+    return Mesh(inner, (*names, KV_GROUPS, KV_COPIES))
+
+
+def _kv_rules(rules: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The rules on `kv_head_mesh`: kv_heads over the groups; nothing else names `tensor` there."""
+    return {k: (KV_GROUPS,) if k == "kv_heads" else tuple(a for a in v if a != TENSOR) for k, v in rules.items()}
+
+
+def sharding_for(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...],
+                 rules: dict[str, tuple[str, ...]]) -> NamedSharding:
+    """The sharding of an array with these logical axes: on the mesh, or on `kv_head_mesh` for an
+    array with KV heads fewer than the tensor ranks."""
+    if "kv_heads" in axes and (kv := kv_head_mesh(mesh, shape[axes.index("kv_heads")])) is not None:
+        return NamedSharding(kv, logical_to_spec(axes, kv, _kv_rules(rules), shape))
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
 
 
 
@@ -69,6 +103,8 @@ def _unsplit_dims(axes: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tup
     for dim, name in enumerate(axes):
         mesh_axes = tuple(a for a in (rules.get(name, ()) if name else ()) if a not in used and mesh.shape[a] > 1)
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if name == "kv_heads" and kv_head_mesh(mesh, shape[dim]) is not None:
+            continue  # split over the KV groups (`kv_head_mesh`)
         if mesh_axes and shape[dim] % ways:
             over = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
             out.append(f"dim {dim} ({name}={shape[dim]}): {over} does not divide it")
@@ -82,11 +118,15 @@ class MeshRules:
     """The mesh plus the ZeRO stage: the one place that turns logical axes into shardings.
 
     `context_zigzag`: with context > 1, the sequence is in the load-balanced zigzag layout of
-    `parallel/context.py` (train.context_zigzag; train/step.py lays the batch out to match)."""
+    `parallel/context.py` (train.context_zigzag; train/step.py lays the batch out to match).
+
+    `data_groups`: the program runs on one group of the batch per `data` rank, the group dimension
+    vmapped over `data` (parallel/zero.py), so the `batch` rule leaves `data` out."""
 
     mesh: Mesh
     zero_stage: int = 0
     context_zigzag: bool = True
+    data_groups: bool = False
 
     @classmethod
     def from_config(cls, mesh: Mesh, cfg) -> "MeshRules":
@@ -121,30 +161,42 @@ class MeshRules:
         return list(dict.fromkeys(out))
 
     def param_shardings(self, logical_axes: Any, shapes: Any) -> Any:
-        return jax.tree.map(self.named, self.param_specs(logical_axes, shapes))
+        rules = ZERO_RULES if self.zero_stage >= 3 else LOGICAL_RULES
+        return _map_axes(lambda ax, sh: sharding_for(self.mesh, ax, sh.shape, rules), logical_axes, shapes)
+
+    def opt_param_shardings(self, logical_axes: Any, shapes: Any) -> Any:
+        """Shardings of the optimizer's parameter-shaped leaves (and of ZeRO's reduce-scattered gradients)."""
+        rules = ZERO_RULES if self.zero_stage >= 1 else LOGICAL_RULES
+        return _map_axes(lambda ax, sh: sharding_for(self.mesh, ax, sh.shape, rules), logical_axes, shapes)
 
     def opt_state_shardings(self, tx: optax.GradientTransformation, abstract_opt_state: Any,
                             logical_axes: Any, shapes: Any) -> Any:
         """Moments shaped like parameters follow `opt_param_specs`; counters etc. are replicated."""
-        specs = self.opt_param_specs(logical_axes, shapes)
+        shardings = self.opt_param_shardings(logical_axes, shapes)
         # tree_map_params maps over leaves shaped like params; everything else -> replicated.
         return optax.tree_map_params(
             tx,
-            lambda _, spec: self.named(spec),
+            lambda _, sharding: sharding,
             abstract_opt_state,
-            specs,
+            shardings,
             transform_non_params=lambda _: self.named(P()),
-            is_leaf=lambda x: isinstance(x, P),
+            is_leaf=lambda x: isinstance(x, NamedSharding),
         )
 
     # -- activations and batches -------------------------------------------------------------
+    def activation_rules(self) -> dict[str, tuple[str, ...]]:
+        if not self.data_groups:
+            return LOGICAL_RULES
+        return {**LOGICAL_RULES, "batch": tuple(a for a in LOGICAL_RULES["batch"] if a != ZERO_AXIS)}
+
     def activation_spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> P:
-        return logical_to_spec(axes, self.mesh, LOGICAL_RULES, shape)
+        return logical_to_spec(axes, self.mesh, self.activation_rules(), shape)
 
     def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-        """Pin an activation's layout. A dimension that does not divide (e.g. 4 KV heads on
-        tensor=8) stays replicated: those ranks recompute it, as Megatron replicates KV heads."""
-        return jax.lax.with_sharding_constraint(x, self.named(self.activation_spec(axes, x.shape)))
+        """Pin an activation's layout. KV heads fewer than the tensor ranks (4 on tensor=8) sit on
+        the ranks whose query heads use them (`kv_head_mesh`); another dimension that does not divide
+        stays replicated."""
+        return jax.lax.with_sharding_constraint(x, sharding_for(self.mesh, axes, x.shape, self.activation_rules()))
 
     def batch_sharding(self) -> NamedSharding:
         """[batch, seq] token arrays: rows over data x expert, sequence over context."""
@@ -155,8 +207,9 @@ class MeshRules:
         `mesh_axes("batch")` are the axes a per-example sum must be reduced over, `mesh_axes("batch",
         "seq")` those of a per-token sum. Callers derive reductions from the table, never spell axes."""
         out: list[str] = []
+        rules = self.activation_rules()
         for name in logical:
-            out.extend(a for a in LOGICAL_RULES.get(name, ()) if self.mesh.shape[a] > 1 and a not in out)
+            out.extend(a for a in rules.get(name, ()) if self.mesh.shape[a] > 1 and a not in out)
         return tuple(out)
 
     def sequence_order(self, seq_len: int) -> np.ndarray:

@@ -30,17 +30,23 @@ def _stacked(tree: dict, num_layers: int) -> list[jax.Array]:
     return [x for x in jax.tree.leaves(tree) if x.ndim >= 1 and x.shape[0] == num_layers]
 
 
+def _after_layer(x: jax.Array) -> tuple[int, ...]:
+    """Reduce over every axis after the layer axis, without a reshape: a reshape of a ZeRO-sharded
+    gradient made GSPMD all-gather it first."""
+    return tuple(range(1, x.ndim))
+
+
 def _per_layer_sq(leaves: list[jax.Array], num_layers: int) -> jax.Array:
     out_L = jnp.zeros((num_layers,), jnp.float32)
     for x in leaves:
-        out_L = out_L + jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(num_layers, -1), axis=1)
+        out_L = out_L + jnp.sum(jnp.square(x.astype(jnp.float32)), axis=_after_layer(x))
     return out_L
 
 
 def _per_layer_finite(leaves: list[jax.Array], num_layers: int) -> jax.Array:
     out_L = jnp.ones((num_layers,), bool)
     for x in leaves:
-        out_L = out_L & jnp.all(jnp.isfinite(x).reshape(num_layers, -1), axis=1)
+        out_L = out_L & jnp.all(jnp.isfinite(x), axis=_after_layer(x))
     return out_L
 
 

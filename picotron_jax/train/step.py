@@ -20,6 +20,7 @@ from picotron_jax.config import Config
 from picotron_jax.errors import UserError
 from picotron_jax.parallel.ops import MeshOps
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.parallel import zero
 from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
 from picotron_jax.train import faults, moe_aux, monitor_stats
 from picotron_jax.train import precision as mp
@@ -100,7 +101,9 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     """params, batch[, loss scale] -> (metrics dict, mean-token gradients), accumulated over
     train.grad_accum. With a loss scale S the backward pass runs on S x (mean-token loss), so that
     fp16 gradients keep their magnitude, and the gradients are divided by S in fp32."""
-    loss_sums = make_loss_sums(cfg, rules, setup.spec.graphdef, setup.policy)
+    grouped = zero.reduce_scatters(cfg, rules)  # ZeRO: unreduced gradients per data group, then a reduce-scatter
+    inner_rules = zero.group_rules(rules) if grouped else rules
+    loss_sums = make_loss_sums(cfg, inner_rules, setup.spec.graphdef, setup.policy)
 
     def scaled_loss_sums(params, batch, scale, fault_flags):
         objective, aux = loss_sums(params, batch, fault_flags)
@@ -108,7 +111,9 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
 
     grad_of_sums = jax.value_and_grad(scaled_loss_sums, has_aux=True)
     m = cfg.train.grad_accum
-    param_shardings = setup.shardings.params
+    spec = setup.spec
+    param_shardings = jax.tree.map(inner_rules.named, zero.group_param_specs(rules, spec.logical_axes, spec.shapes),
+                                   is_leaf=lambda x: isinstance(x, P)) if grouped else setup.shardings.params
     mlp_dtypes = [m for m, _ in setup.policy.module_dtypes if m in ("layers.w_gate", "layers.w_up", "layers.w_down")]
     if cfg.moe.enabled and (setup.policy.loss_scaling or mlp_dtypes):
         raise UserError(f"MoE layers (moe.num_experts = {cfg.moe.num_experts}) run their experts in the compute "
@@ -125,6 +130,27 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
                             f"per-module overrides or a policy file")
         pipelined = pipeline_loss_and_grads(cfg, rules, setup.spec, jnp.dtype(policy.compute_dtype))
 
+    def gradient_sums(params, batch, sums_scale, fault_flags):
+        """(gradient sums, nll sum, z sum, MoE sums) over the batch, accumulated over m microbatches."""
+        if m == 1:
+            (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale, fault_flags)
+            return grads, nll, z, moe
+        micro = split_microbatches(batch, m, inner_rules)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+
+        def accumulate(carry, mb):
+            g_acc, nll_acc, z_acc, moe_acc = carry
+            (_, (nll, z, moe)), g = grad_of_sums(params, mb, sums_scale, fault_flags)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, nll_acc + nll, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe)), None
+
+        moe_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale,
+                                    fault_flags)[0][1][2]
+        moe0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
+        (grads, nll, z, moe), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, moe0), micro)
+        return grads, nll, z, moe
+
     def grads_and_metrics(params, batch, scale=None, fault_flags=None):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
@@ -132,23 +158,16 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
         if pipelined is not None:  # dense layers only (config validation), no loss scale
             nll, z, grads = pipelined(params, split_microbatches(batch, cfg.pipeline.microbatches, rules))
             moe = None
-        elif m == 1:
-            (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale, fault_flags)
+        elif grouped:  # parallel/zero.py: each data rank's gradient sums, reduce-scattered over data
+            if fault_flags is not None:  # the noise spike on the whole batch, as without groups
+                batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
+                fault_flags = fault_flags.at[faults.SPIKE].set(0)
+            sums_G = jax.vmap(gradient_sums, in_axes=(None, 0, None, None), spmd_axis_name=zero.ZERO_AXIS)
+            grads_G, nll_G, z_G, moe = sums_G(params, zero.split_data_groups(batch, rules), sums_scale, fault_flags)
+            grads = zero.reduce_scatter_groups(rules, grads_G, spec.logical_axes, spec.shapes)
+            nll, z = jnp.sum(nll_G), jnp.sum(z_G)
         else:
-            micro = split_microbatches(batch, m, rules)
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-
-            def accumulate(carry, mb):
-                g_acc, nll_acc, z_acc, moe_acc = carry
-                (_, (nll, z, moe)), g = grad_of_sums(params, mb, sums_scale, fault_flags)
-                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (g_acc, nll_acc + nll, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe)), None
-
-            moe_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale,
-                                        fault_flags)[0][1][2]
-            moe0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
-            (grads, nll, z, moe), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, moe0), micro)
+            grads, nll, z, moe = gradient_sums(params, batch, sums_scale, fault_flags)
         grad_denom = denom if scale is None else scale
         grads = jax.tree.map(lambda g: (g / grad_denom).astype(jnp.float32), grads)
         metrics = {"loss": nll / denom, "z_loss": z / denom, "tokens": tokens, **moe_aux.step_metrics(moe, denom)}
@@ -162,6 +181,9 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
     configured (`faults.nan_step` / `faults.spike_step`), (state, batch, fault flags int32[2])."""
     grads_and_metrics = make_grad_fn(cfg, rules, setup)
     matmul_precision = mp.matmul_precision(cfg)
+    grad_shardings = setup.shardings.params  # reduce-scattered gradients stay in ZeRO's layout for the update
+    if zero.reduce_scatters(cfg, rules):
+        grad_shardings = rules.opt_param_shardings(setup.spec.logical_axes, setup.spec.shapes)
 
     def train_step(state: TrainState, batch: Batch, fault_flags=None):
         with jax.default_matmul_precision(matmul_precision):
@@ -170,7 +192,7 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
     def update(state: TrainState, batch: Batch, fault_flags):
         scaler = state.loss_scale
         metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale, fault_flags)
-        grads = jax.lax.with_sharding_constraint(grads, setup.shardings.params)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         with jax.named_scope("optimizer"):
             updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
             if fault_flags is not None and (factor := faults.update_scale(cfg.faults, fault_flags)) is not None:
