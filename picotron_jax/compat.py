@@ -32,3 +32,56 @@ def varying_axes(x) -> frozenset[str]:
     if varying is None:
         raise _fail("jax.typeof(x).mat.varying", f"{type(aval).__name__} has no mat.varying")
     return frozenset(varying)
+
+
+def distributed_state():
+    """JAX's multi-process state after `jax.distributed.initialize()`: `jax._src.distributed.global_state`,
+    whose `client` is the coordination service (key-value store, barriers) and `process_id`,
+    `num_processes`, `coordinator_address` what it was started with. JAX has no public API for these."""
+    try:
+        from jax._src import distributed as jax_distributed
+    except ImportError as e:
+        raise _fail("jax._src.distributed", f"cannot import it ({e})") from None
+    state = getattr(jax_distributed, "global_state", None)
+    missing = [a for a in ("client", "process_id", "num_processes", "coordinator_address") if not hasattr(state, a)]
+    if state is None or missing:
+        raise _fail("jax._src.distributed.global_state", f"missing {', '.join(missing) or 'global_state'}")
+    return state
+
+
+def distributed_client():
+    """The coordination service client (`key_value_set`, `blocking_key_value_get`, `wait_at_barrier`);
+    raises when a multi-process run has none (jax.distributed was not initialised)."""
+    client = distributed_state().client
+    if client is None:
+        raise _fail("jax._src.distributed.global_state.client", "None: jax.distributed.initialize() has not run")
+    for method in ("key_value_set", "blocking_key_value_get", "wait_at_barrier"):
+        if not hasattr(client, method):
+            raise _fail(f"jax._src.distributed.global_state.client.{method}", "missing")
+    return client
+
+
+def backends_are_initialized() -> bool:
+    """Whether JAX's backends have started (allocator settings read from the environment are fixed then):
+    `jax._src.xla_bridge.backends_are_initialized()`."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError as e:
+        raise _fail("jax._src.xla_bridge", f"cannot import it ({e})") from None
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    if started is None:
+        raise _fail("jax._src.xla_bridge.backends_are_initialized", "missing")
+    return bool(started())
+
+
+def user_frame(traceback):
+    """The innermost frame of user code (not JAX's) in a jaxpr equation's traceback, or None:
+    `jax._src.source_info_util.user_frame` (file_name, start_line)."""
+    try:
+        from jax._src import source_info_util
+    except ImportError as e:
+        raise _fail("jax._src.source_info_util", f"cannot import it ({e})") from None
+    find = getattr(source_info_util, "user_frame", None)
+    if find is None:
+        raise _fail("jax._src.source_info_util.user_frame", "missing")
+    return find(traceback)

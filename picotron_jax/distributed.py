@@ -397,7 +397,8 @@ def initialize(d: DistributedConfig, environ: Mapping[str, str] | None = None) -
     if plan is None:
         return Cluster()
     import jax
-    from jax._src import distributed as jax_distributed
+
+    from picotron_jax import compat
 
     if not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
@@ -433,7 +434,7 @@ def initialize(d: DistributedConfig, environ: Mapping[str, str] | None = None) -
                 f"{plan.coordinator or 'the cluster coordinator'} ({plan.source}): {first}; check that every process "
                 f"can reach that address and that its port is free"
             ) from None
-    state = jax_distributed.global_state
+    state = compat.distributed_state()
     me, n = state.process_id, state.num_processes
     coordinator = state.coordinator_address or plan.coordinator or ""
     watchdog = None

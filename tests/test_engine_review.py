@@ -233,3 +233,29 @@ def test_zero_reduces_gradients_with_a_reduce_scatter(name):
     assert moved["all-reduce"] < 1024, moved  # loss, token count, norms: no gradient-sized all-reduce
     params = grad_bytes if name == "zero1-dp8" else 2 * grad_bytes  # ZeRO-3 gathers for forward and backward
     assert moved["all-gather"] <= params, moved
+
+
+def test_compat_wraps_every_private_jax_api_and_fails_loudly(monkeypatch):
+    """jax._src.distributed (coordination client), jax._src.xla_bridge and jax._src.source_info_util were
+    used directly by the debugger, the launcher and the memory settings; now through compat.py, which
+    names the API when it changes instead of failing somewhere else (or not at all)."""
+    import pathlib
+
+    from jax._src import distributed, source_info_util, xla_bridge
+
+    from picotron_jax import compat
+
+    assert compat.distributed_state().num_processes in (None, 1)
+    with pytest.raises(compat.CompatError, match="initialize"):
+        compat.distributed_client()  # one process: no coordination service
+    assert compat.backends_are_initialized() is True
+    eqn = jax.make_jaxpr(lambda x: x * 2)(1.0).jaxpr.eqns[0]
+    assert pathlib.Path(compat.user_frame(eqn.source_info.traceback).file_name).name == "test_engine_review.py"
+    for module, name, call, api in ((distributed, "global_state", compat.distributed_state, "global_state"),
+                                    (xla_bridge, "backends_are_initialized", compat.backends_are_initialized,
+                                     "backends_are_initialized"),
+                                    (source_info_util, "user_frame", lambda: compat.user_frame(None), "user_frame")):
+        with monkeypatch.context() as patch:
+            patch.delattr(module, name)
+            with pytest.raises(compat.CompatError, match=rf"{api}.*compat.py"):
+                call()

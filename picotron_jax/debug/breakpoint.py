@@ -135,7 +135,7 @@ class Breakpoint(Callback):
         if jax.process_index() == 0:
             (self.inspector or _INSPECTOR[0] or default_inspector)(BreakContext(trainer, step, shown, self.expr.text))
         if jax.process_count() > 1:
-            from jax._src import distributed as jax_distributed
+            from picotron_jax import compat
 
-            jax_distributed.global_state.client.wait_at_barrier(f"picotron_break/{step}",
+            compat.distributed_client().wait_at_barrier(f"picotron_break/{step}",
                                                                 int(self.timeout_s * 1000))

@@ -98,9 +98,9 @@ def _exchange(rows: list[dict], key: str, timeout_s: float) -> list[dict]:
     """Everyone's rows (several processes: through the coordination service's key-value store)."""
     if jax.process_count() == 1:
         return rows
-    from jax._src import distributed as jax_distributed
+    from picotron_jax import compat
 
-    client = jax_distributed.global_state.client
+    client = compat.distributed_client()
     client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(rows), allow_overwrite=True)
     out = []
     for p in range(jax.process_count()):

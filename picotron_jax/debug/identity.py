@@ -78,9 +78,9 @@ def check_same_run(cfg, timeout_s: float | None = None) -> None:
     """Publish this process's identity and compare everyone's with process 0's; UserError on a difference."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed
+    from picotron_jax import compat
 
-    client = jax_distributed.global_state.client
+    client = compat.distributed_client()
     timeout_ms = int((timeout_s or cfg.distributed.init_timeout_s) * 1000)
     client.key_value_set(f"picotron_debug/identity/{jax.process_index()}", json.dumps(identity(cfg), default=str),
                          allow_overwrite=True)

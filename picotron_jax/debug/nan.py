@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from picotron_jax import compat
+
 _ENTER = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr",
           "checkpoint": "jaxpr", "custom_lin": None}
@@ -70,7 +72,7 @@ def _stats(x) -> dict:
 
 def _source(eqn, outer: str) -> str:
     """file:line of the user code that made `eqn` (that of the enclosing call when `eqn` is library-internal)."""
-    frame = jax._src.source_info_util.user_frame(eqn.source_info.traceback)
+    frame = compat.user_frame(eqn.source_info.traceback)
     return f"{Path(frame.file_name).name}:{frame.start_line}" if frame is not None else outer
 
 

@@ -164,9 +164,9 @@ def _main_stack() -> list[dict]:
 
 def compare_programs(program: dict, timeout_s: float) -> None:
     """Refuse to start when the processes compiled different train steps (UserError on every process)."""
-    from jax._src import distributed as jax_distributed
+    from picotron_jax import compat
 
-    client = jax_distributed.global_state.client
+    client = compat.distributed_client()
     client.key_value_set(f"picotron_debug/program/{jax.process_index()}", program["fingerprint"], allow_overwrite=True)
     prints = {p: client.blocking_key_value_get(f"picotron_debug/program/{p}", int(timeout_s * 1000))
               for p in range(jax.process_count())}

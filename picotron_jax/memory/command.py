@@ -48,9 +48,9 @@ def needed_devices(cfg: Config, requested: int) -> int:
 def ask_for_virtual_devices(n: int) -> None:
     """Before JAX starts: make sure XLA:CPU offers at least n devices."""
     if "jax" in sys.modules:
-        from jax._src import xla_bridge
+        from picotron_jax import compat
 
-        if xla_bridge.backends_are_initialized():
+        if compat.backends_are_initialized():
             return
     flags = os.environ.get("XLA_FLAGS", "")
     current = re.search(FLAG + r"=(\d+)", flags)

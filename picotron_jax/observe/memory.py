@@ -53,9 +53,9 @@ def apply_allocator_settings(m: MemoryConfig) -> str:
         wanted["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{m.fraction:.3f}"
     if not wanted:
         return ""
-    from jax._src import xla_bridge
+    from picotron_jax import compat
 
-    if xla_bridge.backends_are_initialized() and any(os.environ.get(k) != v for k, v in wanted.items()):
+    if compat.backends_are_initialized() and any(os.environ.get(k) != v for k, v in wanted.items()):
         return (f"memory.preallocate/memory.fraction not applied: JAX's backend started before the config was read "
                 f"(set {' '.join(f'{k}={v}' for k, v in wanted.items())} in the environment instead)")
     os.environ.update(wanted)
