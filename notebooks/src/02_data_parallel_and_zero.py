@@ -78,11 +78,11 @@ plt.show()
 # ## The collectives in the HLO
 #
 # Bytes each device moves per step, read from the optimized HLO (`observe/hlo.py`; all-reduce counted at
-# the tensor's size). DP all-reduces the gradients (the parameters' size). ZeRO-1 adds an all-gather: each
-# rank updates only its slice of the parameters (where its moments are) and the slices are gathered back.
-# ZeRO-3 gathers the weights when a layer runs, in the forward and again in the backward pass, so its
-# all-gather is about twice the parameters. (On GPUs XLA turns all-reduce + slice into a reduce-scatter;
-# XLA:CPU keeps the all-reduce.) One device moves nothing.
+# the tensor's size, reduce-scatter at its input's). DP all-reduces the gradients (the parameters' size).
+# ZeRO reduce-scatters them instead (`parallel/zero.py`): each rank receives only the summed slice its
+# moments update, then ZeRO-1 all-gathers the updated slices back. ZeRO-3 gathers the weights when a layer
+# runs, in the forward and again in the backward pass, so its all-gather is up to twice the parameters.
+# One device moves nothing.
 
 # %%
 for name in names:
