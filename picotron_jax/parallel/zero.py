@@ -27,9 +27,11 @@ from picotron_jax.parallel.sharding import LOGICAL_RULES, ZERO_AXIS, ZERO_RULES,
 def reduce_scatters(cfg, rules: MeshRules) -> bool:
     """Whether this step reduces its gradients with a reduce-scatter: ZeRO over a `data` axis > 1 in
     the plain step. The pipeline keeps its own reduction (parallel/pipeline.py); MoE layers keep the
-    all-reduce, because their balancing losses are means over a whole microbatch, not sums over groups."""
+    all-reduce, because their balancing losses are means over a whole microbatch, not sums over groups;
+    so does context parallelism: ring attention's shard_map, vmapped over the groups, mixes its ring
+    position (varying over `context` only) with data-varying blocks, which JAX 0.10's checks refuse."""
     return rules.zero_stage >= 1 and rules.mesh.shape[ZERO_AXIS] > 1 and not rules.mesh_axes("layers") \
-        and not cfg.moe.enabled
+        and not rules.mesh_axes("seq") and not cfg.moe.enabled
 
 
 def group_rules(rules: MeshRules) -> MeshRules:
