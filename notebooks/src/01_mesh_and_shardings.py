@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 import picotron_jax as pj
 from picotron_jax.mesh import build_mesh, describe
 from picotron_jax.observe.shardings import sharding_table
-from picotron_jax.parallel.sharding import LOGICAL_RULES, ZERO_RULES, logical_to_spec
+from picotron_jax.parallel.sharding import LOGICAL_RULES, ZERO_RULES, logical_to_spec, sharding_for
 from picotron_jax.tutorials import layouts
 
 print(jax.device_count(), "devices")
@@ -70,7 +70,9 @@ for name, axes in LOGICAL_RULES.items():
 # %% [markdown]
 # `logical_to_spec` turns a parameter's logical axes into a partition spec on a mesh. Two rules keep it
 # total: an axis of size 1 is dropped, and a dimension that does not divide by its mesh axes stays whole
-# (4 KV heads on `tensor=8` are replicated).
+# (4 KV heads on `tensor=8`). The run's shardings come from `sharding_for`, which puts such KV heads on
+# a mesh that views `tensor` as 4 KV groups x 2 copies, so each rank holds the one KV head its query
+# head uses (as Megatron does).
 
 # %%
 wq_axes = ("layers", "embed", "heads", "head_dim")
@@ -79,6 +81,8 @@ print("wq on tp2-dp4 ZeRO-3:", logical_to_spec(wq_axes, mesh, ZERO_RULES, (4, 12
 tp8 = build_mesh(pj.load_config("tp8").mesh)
 print("wk (4 KV heads) on tp8:", logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), tp8, LOGICAL_RULES,
                                                  (4, 128, 4, 16)))
+wk_sharding = sharding_for(tp8, ("layers", "embed", "kv_heads", "head_dim"), (4, 128, 4, 16), LOGICAL_RULES)
+print("the run's wk on tp8:   ", wk_sharding.spec, dict(wk_sharding.mesh.shape), "per rank", wk_sharding.shard_shape((4, 128, 4, 16)))
 
 # %% [markdown]
 # ## Every parameter of a run
