@@ -176,6 +176,25 @@ def test_1f1b_needs_at_most_half_the_activation_memory_of_afab():
     assert one <= afab / 2, (one, afab)
 
 
+TINY = ("model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "train.seq_len=16", "mesh.data=1", "mesh.num_devices=2")
+
+
+def test_afab_memory_per_microbatch_does_not_grow_with_the_parameters():
+    """AFAB temporaries grow by about one stage input and one loss gradient per microbatch ([2, 16, 32] f32
+    = 4 KiB each here), whatever the vocabulary: the stage weights and the [V, D] head are not kept per slot
+    (they were, when `jax.grad` differentiated the scanned forward slots: +229,376 bytes per microbatch at
+    V = 2048 vs 256, exactly one [V, D] table)."""
+    act = 2 * 16 * 32 * 4
+    growth = {}
+    for V in (256, 2048):
+        temps = [step_temp_bytes(preset("pp2-afab", *TINY, f"model.vocab_size={V}", f"pipeline.microbatches={m}",
+                                        f"train.global_batch={2 * m}")) for m in (2, 4)]
+        growth[V] = (temps[1] - temps[0]) / 2
+    assert all(0 < g <= 3 * act for g in growth.values()), growth
+    assert abs(growth[2048] - growth[256]) < (2048 - 256) * 32 * 4 / 16, growth
+
+
 @pytest.mark.parametrize("schedule", ["afab", "1f1b"])
 def test_program_size_does_not_grow_with_microbatches(schedule):
     """One scan step per slot: the traced program is the same for m = 2 and m = 8 (only the tables grow).

@@ -10,13 +10,18 @@ idle slots cost nothing; at the end of every slot activations move to rank r+1 a
 input-gradients to rank r-1 with `ppermute` (a ring, so interleaved chunks wrap around).
 Compile time does not grow with m: the scan body is traced once.
 
-- AFAB (GPipe, Huang et al. 2019): the forward slots of the table, differentiated by
-  `jax.grad`. The transposed scan runs the backwards in reverse slot order, which is exactly
-  AFAB, and keeps every microbatch's residuals, as GPipe does.
-- 1F1B and interleaved (Narayanan et al. 2019, 2021): the backward is written by hand inside
-  the same loop. Each rank keeps a buffer of the *inputs* of microbatches that ran F but not
-  yet B (at most p - r for 1F1B); B recomputes the stage forward under `jax.vjp` and applies
-  the gradient that arrived from the next stage. Activation memory is bounded by p, not m.
+Every schedule runs through the same executor (`_run_schedule`): the backward is written by hand
+inside the loop. Each rank keeps a buffer of the *inputs* of microbatches that ran F but not yet
+B; B recomputes the stage forward under `jax.vjp` and applies the gradient that arrived from the
+next stage.
+
+- AFAB (GPipe, Huang et al. 2019): every forward slot, then every backward slot; the buffer holds
+  all m microbatch inputs, so memory grows with m x activations only. (Differentiating the
+  scanned forward slots with `jax.grad` instead stacks the residuals leaving each slot's
+  `lax.cond` per slot, the stage weights and the LM head included: one [V, D] table per
+  microbatch. Evaluation, which has no backward, still scans the forward slots: `_afab_forward`.)
+- 1F1B and interleaved (Narayanan et al. 2019, 2021): the buffer holds at most p - r inputs on
+  rank r for 1F1B: activation memory is bounded by p, not m.
 
 Tensor, data and expert axes: the shard_map is manual over all of them, so the model runs with
 `StageOps` (parallel/ops.py: local attention heads, explicit all-reduces over `tensor` after row-parallel
@@ -130,8 +135,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
-        run = _afab if sched.kind == "afab" else _one_f_one_b
-        nll, z, grads = run(st, params)
+        nll, z, grads = _run_schedule(st, params)
         nll, z = jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
         layer_grads = {k: jax.lax.psum(g, batch_axes)[:, None] for k, g in grads.pop("layers").items()}
         grads = {k: jax.lax.psum(g, act_axes) for k, g in grads.items()}  # embedding / head: first / last rank
@@ -182,12 +186,6 @@ def _chunk(layers: dict, c: jax.Array) -> dict:
     return {k: jax.lax.dynamic_index_in_dim(a, c, keepdims=False) for k, a in layers.items()}
 
 
-def _afab(st: _Stage, params: dict):
-    """GPipe: scan the forward slots, then `jax.grad` runs the backwards in reverse (all residuals kept)."""
-    (_, (nll, z)), grads = jax.value_and_grad(functools.partial(_afab_forward, st), has_aux=True)(params)
-    return nll, z, grads
-
-
 def _afab_forward(st: _Stage, params: dict):
     """The forward slots of an AFAB table: (objective, (nll sum, z sum)) of this rank."""
     s = st.sched
@@ -220,8 +218,8 @@ def _afab_forward(st: _Stage, params: dict):
     return nll + st.z_coef * z, (nll, z)
 
 
-def _one_f_one_b(st: _Stage, params: dict):
-    """1F1B / interleaved: F and B written out per slot; B recomputes the stage from its stored input.
+def _run_schedule(st: _Stage, params: dict):
+    """AFAB / 1F1B / interleaved: F and B written out per slot; B recomputes the stage from its stored input.
 
     Carry: `acts` [Na, b, T, D] stage inputs (arrived, or waiting for their B), `grads_in`
     [Ng, b, T, D] input-gradients from the next stage (or the loss), and f32 gradient sums."""
