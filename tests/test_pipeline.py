@@ -107,7 +107,7 @@ def test_bad_pipeline_configs_name_the_field():
     msg = pipeline_error("pp2-afab", "train.grad_accum=2")
     assert "train.grad_accum" in msg and "pipeline.microbatches" in msg
     msg = pipeline_error("pp2-dp2-tp2", "mesh.data=1", "mesh.context=2")
-    assert "mesh.context" in msg
+    assert "mesh.context" in msg and "ring attention inside the stage program" in msg
     msg = pipeline_error("pp2-afab", "pipeline.microbatches=3")
     assert "train.global_batch" in msg and "pipeline.microbatches = 3" in msg
 
@@ -168,12 +168,33 @@ def step_temp_bytes(cfg) -> int:
 
 
 @pytest.mark.slow
-def test_1f1b_needs_at_most_half_the_activation_memory_of_afab():
-    """p = 4, m = 16 (README: 88.1 MB AFAB vs 4.9 MB 1F1B at seq 128)."""
+def test_1f1b_needs_no_more_memory_than_afab():
+    """p = 4, m = 16. Both schedules now store only stage inputs (AFAB all m, 1F1B at most p - r) and
+    recompute one stage in the backward, so the gap is m - p stage inputs: 2,923,232 vs 2,875,616 bytes at
+    seq 32 (before, AFAB also kept every slot's residuals and weights: 88.1 MB vs 4.9 MB at seq 128)."""
     overrides = ("pipeline.microbatches=16", "train.global_batch=32")
     afab = step_temp_bytes(preset("pp4-1f1b", *overrides, "pipeline.schedule=afab"))
     one = step_temp_bytes(preset("pp4-1f1b", *overrides))
-    assert one <= afab / 2, (one, afab)
+    assert one < afab, (one, afab)
+
+
+TINY = ("model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "train.seq_len=16", "mesh.data=1", "mesh.num_devices=2")
+
+
+def test_afab_memory_per_microbatch_does_not_grow_with_the_parameters():
+    """AFAB temporaries grow by about one stage input and one loss gradient per microbatch ([2, 16, 32] f32
+    = 4 KiB each here), whatever the vocabulary: the stage weights and the [V, D] head are not kept per slot
+    (they were, when `jax.grad` differentiated the scanned forward slots: +229,376 bytes per microbatch at
+    V = 2048 vs 256, exactly one [V, D] table)."""
+    act = 2 * 16 * 32 * 4
+    growth = {}
+    for V in (256, 2048):
+        temps = [step_temp_bytes(preset("pp2-afab", *TINY, f"model.vocab_size={V}", f"pipeline.microbatches={m}",
+                                        f"train.global_batch={2 * m}")) for m in (2, 4)]
+        growth[V] = (temps[1] - temps[0]) / 2
+    assert all(0 < g <= 3 * act for g in growth.values()), growth
+    assert abs(growth[2048] - growth[256]) < (2048 - 256) * 32 * 4 / 16, growth
 
 
 @pytest.mark.parametrize("schedule", ["afab", "1f1b"])

@@ -12,7 +12,8 @@ does not grow with depth. Initialisation uses only the seed (one key per paramet
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -119,14 +120,6 @@ def scan_layers(block: Callable, x_BTD: jax.Array, stacked: dict, unroll: int) -
     return x_BTD
 
 
-def decoder_layers(stacked: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
-                   attention_dtype=None) -> jax.Array:
-    """Run the layers stacked on the leading axis of every array in `stacked` ([L', ...]) in order."""
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    block = lambda x, p: decoder_block(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype)  # noqa: E731
-    return scan_layers(block, x_BTD, stacked, min(cfg.scan_unroll, num_layers))
-
-
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: MoEConfig | None = None):
         self.cfg = cfg
@@ -162,7 +155,7 @@ class Llama(nnx.Module):
 
     def head_weight(self) -> jax.Array:
         """The LM head: [D, V], or the [V, D] embedding table when tied (see `head_is_vocab_first`)."""
-        return (self.embed if self.cfg.tie_embeddings else self.lm_head)[...]
+        return getattr(self, head_param(self.cfg))[...]
 
     @property
     def head_is_vocab_first(self) -> bool:
@@ -176,7 +169,7 @@ class Llama(nnx.Module):
 
         `positions_T`: the position of each column (default arange(T)); context parallelism passes
         its zigzag order (parallel/context.py), in which the tokens are then laid out.
-        `module_dtypes`: compute dtypes of modules that differ from `compute_dtype` ("embed",
+        `module_dtypes`: compute dtypes of modules that differ from their default ("embed",
         "layers.wq", "layers.attention", ...; train/precision.py). `layer_stack(block, x, stacked,
         unroll)`: how the layers are scanned (remat policies, train/remat.py); default a plain scan."""
         return self.hidden_states_and_moe_stats(tokens_BT, ops, compute_dtype, positions_T, module_dtypes,
@@ -187,50 +180,116 @@ class Llama(nnx.Module):
                                     module_dtypes: Mapping[str, jnp.dtype] | None = None,
                                     layer_stack: Callable | None = None, layer_tap: Callable | None = None):
         """As `hidden_states`, plus the MoE layers' stats (dict of [L_moe, ...], models/moe.py; None if dense).
-        MoE models scan their mixed stack themselves (models/moe_layers.py); `layer_stack` is for dense ones.
-        `layer_tap(x_BTD, layer)` sees (and may change) every decoder layer's output, `layer` its traced
-        index (the fault injector's hook, train/faults.py); without it the program is unchanged."""
+        The pieces (`embed_tokens`, `run_layers`, `final_norm`) are the ones the pipeline's stage program
+        calls (parallel/pipeline.py). `layer_tap(x_BTD, layer)`: see `run_layers`."""
         cfg = self.cfg
-        T = tokens_BT.shape[1]
-        norms = ("layers.attn_norm", "layers.mlp_norm", "final_norm")  # fp32 unless overridden (train/precision.py)
-        dtype_of = lambda m: (module_dtypes or {}).get(m, jnp.float32 if m in norms else compute_dtype)  # noqa: E731
-        with jax.named_scope("embed"):
-            x_BTD = ops.embed(self.embed[...].astype(dtype_of("embed")), tokens_BT).astype(compute_dtype)
-            x_BTD = ops.constrain(x_BTD, ("batch", "seq", "embed"))
-        positions_T = jnp.arange(T) if positions_T is None else positions_T
+        x_BTD = embed_tokens(self.embed[...], tokens_BT, ops, compute_dtype, module_dtypes)
+        positions_T = jnp.arange(tokens_BT.shape[1]) if positions_T is None else positions_T
         cos_TK, sin_TK = rotary_tables(positions_T, cfg.resolved_head_dim, cfg.rope_theta)
-        stacked = {name: v[...].astype(dtype_of(f"layers.{name}")) for name, v in self.layers.items()}
-        attention_dtype = (module_dtypes or {}).get("layers.attention")
-        norm_dtypes = {m: d for m in ("attn_norm", "mlp_norm") if (d := (module_dtypes or {}).get(f"layers.{m}"))}
-        final_dtype = (module_dtypes or {}).get("final_norm")
-        tap = (lambda x, p: x) if layer_tap is None else (lambda x, p: layer_tap(x, p[LAYER_INDEX]))  # noqa: E731
-        if layer_tap is not None:  # scanned with the layers, so each layer knows its index
-            stacked[LAYER_INDEX] = jnp.arange(cfg.num_layers)
-
-        def block(x, layer_params):
-            return tap(decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes),
-                       layer_params)
-
-        if self.moe_plan is None:
-            x_BTD = (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, cfg.num_layers))
-            with jax.named_scope("final_norm"):
-                return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps, final_dtype), None
-
-        def moe_block(p, p_moe, x):
-            x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
-            with jax.named_scope("mlp_norm"):
-                h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, norm_dtypes.get("mlp_norm"))
-            y, stats = moe_math.moe_ffn(p_moe, h, self.moe_cfg, ops)
-            return tap(ops.constrain(x + y, ("batch", "seq", "embed")), p), stats
-
-        moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype) for k, v in self.moe.items()}
-        x_BTD, stats = run_mixed_stack(stacked, moe_params, x_BTD, self.moe_plan,
-                                       lambda p, x: block(x, p), moe_block, cfg.scan_unroll)
-        with jax.named_scope("final_norm"):
-            return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps, final_dtype), stats
+        stacked = cast_layers({name: v[...] for name, v in self.layers.items()}, compute_dtype, module_dtypes)
+        moe = None
+        if self.moe_plan is not None:
+            moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype)
+                          for k, v in self.moe.items()}
+            moe = MoEStack(self.moe_cfg, self.moe_plan, moe_params)
+        x_BTD, stats = run_layers(stacked, x_BTD, cos_TK, sin_TK, cfg, ops, module_dtypes, layer_stack, layer_tap, moe)
+        return final_norm(x_BTD, self.final_norm[...], cfg, module_dtypes), stats
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (full logits: for inference and inspection)."""
         h_BTD = self.hidden_states(tokens_BT, ops)
         spec = "btd,vd->btv" if self.head_is_vocab_first else "btd,dv->btv"
         return jnp.einsum(spec, h_BTD, self.head_weight(), preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+# The model as functions of plain arrays: the plain step (through `Llama.hidden_states_and_moe_stats`
+# and `head_loss`) and the pipeline's stage program (parallel/pipeline.py) call these same functions.
+
+NORMS = ("layers.attn_norm", "layers.mlp_norm", "final_norm")  # fp32 unless overridden (train/precision.py)
+
+
+def module_dtype(module: str, compute_dtype, module_dtypes: Mapping[str, jnp.dtype] | None = None) -> jnp.dtype:
+    """A module's compute dtype: its override, else fp32 for norms and `compute_dtype` for the rest."""
+    return jnp.dtype((module_dtypes or {}).get(module, jnp.float32 if module in NORMS else compute_dtype))
+
+
+def head_param(cfg: ModelConfig) -> str:
+    """The parameter the LM head reads: the [V, D] embedding table when tied, else the [D, V] `lm_head`."""
+    return "embed" if cfg.tie_embeddings else "lm_head"
+
+
+def embed_tokens(table_VD: jax.Array, tokens_BT: jax.Array, ops: ParallelOps, compute_dtype,
+                 module_dtypes: Mapping[str, jnp.dtype] | None = None) -> jax.Array:
+    """tokens [B, T] -> embeddings [B, T, D] in the compute dtype."""
+    with jax.named_scope("embed"):  # named scopes: the profiler's modules (picotron_jax/profile)
+        x_BTD = ops.embed(table_VD.astype(module_dtype("embed", compute_dtype, module_dtypes)), tokens_BT)
+        return ops.constrain(x_BTD.astype(compute_dtype), ("batch", "seq", "embed"))
+
+
+def cast_layers(layers: Mapping[str, jax.Array], compute_dtype,
+                module_dtypes: Mapping[str, jnp.dtype] | None = None) -> dict:
+    """Stacked layer params [L', ...] in their modules' compute dtypes."""
+    return {name: a.astype(module_dtype(f"layers.{name}", compute_dtype, module_dtypes)) for name, a in layers.items()}
+
+
+@dataclass(frozen=True)
+class MoEStack:
+    """What `run_layers` needs for a mixed dense/MoE stack (models/moe_layers.py)."""
+
+    cfg: MoEConfig
+    plan: Any  # moe_layers.MoEPlan
+    params: dict  # [L_moe, ...]
+
+
+def run_layers(stacked: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
+               module_dtypes: Mapping[str, jnp.dtype] | None = None, layer_stack: Callable | None = None,
+               layer_tap: Callable | None = None, moe: MoEStack | None = None,
+               first_layer: int | jax.Array = 0) -> tuple[jax.Array, dict | None]:
+    """Run the decoder layers stacked in `stacked` ([L', ...], already cast: `cast_layers`) in order:
+    x -> (x, MoE stats or None). `layer_stack(block, x, stacked, unroll)` scans a dense stack (remat
+    policies, train/remat.py); MoE models scan their mixed stack themselves (models/moe_layers.py).
+    `layer_tap(x_BTD, layer)` sees (and may change) every layer's output, `layer` its traced index
+    counted from `first_layer` (the fault injector's hook, train/faults.py); without it the program is
+    unchanged."""
+    attention_dtype = (module_dtypes or {}).get("layers.attention")
+    norm_dtypes = {m: d for m in ("attn_norm", "mlp_norm") if (d := (module_dtypes or {}).get(f"layers.{m}"))}
+    tap = (lambda x, p: x) if layer_tap is None else (lambda x, p: layer_tap(x, p[LAYER_INDEX]))  # noqa: E731
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    if layer_tap is not None:  # scanned with the layers, so each layer knows its index
+        stacked = {**stacked, LAYER_INDEX: first_layer + jnp.arange(num_layers)}
+
+    def block(x, layer_params):
+        return tap(decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes),
+                   layer_params)
+
+    if moe is None:
+        return (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, num_layers)), None
+
+    def moe_block(p, p_moe, x):
+        x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
+        with jax.named_scope("mlp_norm"):
+            h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, norm_dtypes.get("mlp_norm"))
+        y, stats = moe_math.moe_ffn(p_moe, h, moe.cfg, ops)
+        return tap(ops.constrain(x + y, ("batch", "seq", "embed")), p), stats
+
+    if layer_stack is None:
+        return run_mixed_stack(stacked, moe.params, x_BTD, moe.plan, lambda p, x: block(x, p), moe_block,
+                               cfg.scan_unroll)
+    remat = layer_stack.remat_block  # one policy for every layer (train/remat.py LayerStack)
+    return run_mixed_stack(stacked, moe.params, x_BTD, moe.plan, remat(lambda p, x: block(x, p)), remat(moe_block))
+
+
+def final_norm(x_BTD: jax.Array, scale_D: jax.Array, cfg: ModelConfig,
+               module_dtypes: Mapping[str, jnp.dtype] | None = None) -> jax.Array:
+    with jax.named_scope("final_norm"):
+        return rms_norm(x_BTD, scale_D, cfg.rms_norm_eps, (module_dtypes or {}).get("final_norm"))
+
+
+def head_loss(h_BTD: jax.Array, params: Mapping[str, jax.Array], targets_BT: jax.Array, mask_BT: jax.Array,
+              cfg: ModelConfig, ops: ParallelOps, head_dtype) -> tuple[jax.Array, jax.Array]:
+    """LM head + cross-entropy: (sum of mask * nll, sum of mask * log(Z)^2) over the program's tokens.
+    `params` holds (at least) the head's parameter (`head_param`)."""
+    with jax.named_scope("head"):
+        head = params[head_param(cfg)].astype(head_dtype)
+        return ops.cross_entropy(h_BTD.astype(head_dtype), head, targets_BT, mask_BT, cfg.tie_embeddings)

@@ -34,6 +34,11 @@ class ParallelOps(Protocol):
         """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
         row-parallel all-reduce). The identity where the compiler inserts the sum (auto sharding)."""
 
+    def cross_entropy(self, h_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                      vocab_first: bool) -> tuple[jax.Array, jax.Array]:
+        """(sum of mask * -log p(target), sum of mask * log(Z)^2) over the program's tokens, logits in fp32;
+        `head` is [V, D] (`vocab_first`, a tied table) or [D, V] (vocabulary-parallel when V is split)."""
+
     def route(self, h_BTD: jax.Array, router_DE: jax.Array, bias_E: jax.Array | None,
               cfg: MoEConfig) -> moe_math.Routing:
         """The MoE router on each device's own tokens (`models/moe.py:route`, a per-token computation)."""
@@ -61,6 +66,14 @@ class LocalOps:
 
     def sum_partials(self, y_BTD):
         return y_BTD
+
+    def cross_entropy(self, h_BTD, head, targets_BT, mask_BT, vocab_first):
+        logits_BTV = jnp.einsum("btd,vd->btv" if vocab_first else "btd,dv->btv", h_BTD, head,
+                                preferred_element_type=jnp.float32)
+        lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+        target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+        mask_BT = mask_BT.astype(jnp.float32)
+        return jnp.sum((lse_BT - target_BT) * mask_BT), jnp.sum(jnp.square(lse_BT) * mask_BT)
 
     def route(self, h_BTD, router_DE, bias_E, cfg):
         return moe_math.route(h_BTD, router_DE, bias_E, cfg)

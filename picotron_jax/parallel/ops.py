@@ -26,7 +26,7 @@ from picotron_jax.parallel.expert import (
     local_routing,
 )
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules
-from picotron_jax.parallel.vocab import local_vocab_embed, vocab_parallel_embed
+from picotron_jax.parallel.vocab import local_vocab_embed, local_xent, vocab_parallel_cross_entropy, vocab_parallel_embed
 
 
 class MeshOps:
@@ -50,6 +50,10 @@ class MeshOps:
         """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
         return y_BTD
 
+    def cross_entropy(self, h_BTD, head, targets_BT, mask_BT, vocab_first):
+        """Summed over the whole batch, replicated on every device."""
+        return vocab_parallel_cross_entropy(self.rules, h_BTD, head, targets_BT, mask_BT, vocab_first)
+
     def route(self, h_BTD, router_DE, bias_E, cfg):
         """The router in a shard_map over the token axes: each device routes its own tokens. Under plain
         GSPMD, top_k all-gathered the global router scores onto every device (traffic and work grew with
@@ -69,7 +73,13 @@ class MeshOps:
 
 
 class StageOps:
-    """ParallelOps inside the pipeline's shard_map, which is manual over every mesh axis."""
+    """ParallelOps inside the pipeline's shard_map, which is manual over every mesh axis.
+
+    `kv_replicated`: the KV heads do not divide by `tensor` (e.g. 2 KV heads on tensor = 4), so every rank
+    holds all G of them next to its H/tp query heads, as the plain path's rules replicate them."""
+
+    def __init__(self, kv_replicated: bool = False):
+        self.kv_replicated = kv_replicated
 
     def constrain(self, x, axes):
         return x
@@ -78,10 +88,22 @@ class StageOps:
         return local_vocab_embed(table_vD, tokens_bT)
 
     def attention(self, q_bTHK, k_bTGK, v_bTGK):
-        return causal_attention(q_bTHK, k_bTGK, v_bTGK)  # this rank's heads, whole sequence
+        """This rank's query heads, whole sequence. With replicated KV heads, each local query head h takes
+        its own KV head (global h // R): the gather's transpose sums the KV gradients over `tensor`."""
+        if self.kv_replicated:
+            Hl, G = q_bTHK.shape[2], k_bTGK.shape[2]
+            R = Hl * jax.lax.axis_size(_TENSOR) // G  # query heads per KV head
+            kv_of_head = (jax.lax.axis_index(_TENSOR) * Hl + jax.numpy.arange(Hl)) // R
+            k_bTGK, v_bTGK = (jax.numpy.take(t, kv_of_head, axis=2) for t in (k_bTGK, v_bTGK))
+        return causal_attention(q_bTHK, k_bTGK, v_bTGK)
 
     def sum_partials(self, y_bTD):
         return jax.lax.psum(y_bTD, _TENSOR)
+
+    def cross_entropy(self, h_bTD, head, targets_bT, mask_bT, vocab_first):
+        """This rank's vocabulary slice and tokens; the sums over the token axes are the pipeline's."""
+        spec = "btd,vd->btv" if vocab_first else "btd,dv->btv"
+        return local_xent(spec, h_bTD, head, targets_bT, mask_bT.astype(jax.numpy.float32))
 
     def route(self, h_bTD, router_DE, bias_E, cfg):
         return moe_math.route(h_bTD, router_DE, bias_E, cfg)  # already this rank's tokens
@@ -94,4 +116,3 @@ class StageOps:
                               _EXPERT, _TENSOR)
 
 
-STAGE_OPS = StageOps()

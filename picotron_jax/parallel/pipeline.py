@@ -10,13 +10,18 @@ idle slots cost nothing; at the end of every slot activations move to rank r+1 a
 input-gradients to rank r-1 with `ppermute` (a ring, so interleaved chunks wrap around).
 Compile time does not grow with m: the scan body is traced once.
 
-- AFAB (GPipe, Huang et al. 2019): the forward slots of the table, differentiated by
-  `jax.grad`. The transposed scan runs the backwards in reverse slot order, which is exactly
-  AFAB, and keeps every microbatch's residuals, as GPipe does.
-- 1F1B and interleaved (Narayanan et al. 2019, 2021): the backward is written by hand inside
-  the same loop. Each rank keeps a buffer of the *inputs* of microbatches that ran F but not
-  yet B (at most p - r for 1F1B); B recomputes the stage forward under `jax.vjp` and applies
-  the gradient that arrived from the next stage. Activation memory is bounded by p, not m.
+Every schedule runs through the same executor (`_run_schedule`): the backward is written by hand
+inside the loop. Each rank keeps a buffer of the *inputs* of microbatches that ran F but not yet
+B; B recomputes the stage forward under `jax.vjp` and applies the gradient that arrived from the
+next stage.
+
+- AFAB (GPipe, Huang et al. 2019): every forward slot, then every backward slot; the buffer holds
+  all m microbatch inputs, so memory grows with m x activations only. (Differentiating the
+  scanned forward slots with `jax.grad` instead stacks the residuals leaving each slot's
+  `lax.cond` per slot, the stage weights and the LM head included: one [V, D] table per
+  microbatch. Evaluation, which has no backward, still scans the forward slots: `_afab_forward`.)
+- 1F1B and interleaved (Narayanan et al. 2019, 2021): the buffer holds at most p - r inputs on
+  rank r for 1F1B: activation memory is bounded by p, not m.
 
 Tensor, data and expert axes: the shard_map is manual over all of them, so the model runs with
 `StageOps` (parallel/ops.py: local attention heads, explicit all-reduces over `tensor` after row-parallel
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +44,13 @@ from jax.sharding import PartitionSpec as P
 from picotron_jax.compat import varying_axes
 from picotron_jax.config import Config
 from picotron_jax.models.attention import rotary_tables
-from picotron_jax.models.llama import decoder_layers, rms_norm
-from picotron_jax.parallel.ops import STAGE_OPS
+from picotron_jax.models import llama
+from picotron_jax.parallel.ops import StageOps
 from picotron_jax.parallel.pipeline_schedule import Schedule, build_schedule, schedule_of_config
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_spec
-from picotron_jax.parallel.vocab import local_xent
 
 (PIPE,) = LOGICAL_RULES["layers"]
+(TENSOR,) = LOGICAL_RULES["heads"]
 # every axis a microbatch's rows or columns are split over: activations and gradient sums vary over them
 TOKEN_AXES = tuple(dict.fromkeys(LOGICAL_RULES["batch"] + LOGICAL_RULES["seq"]))
 F32 = jnp.float32
@@ -79,11 +84,19 @@ def _param_specs(rules: MeshRules, logical_axes: Any, shapes: Any) -> Any:
 
 
 def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F32,
-                            forward_only: bool = False) -> Callable:
-    """(params, microbatches [m, B/m, T]) -> (nll sum, z sum, gradient sums), pipelined over `pipe`;
-    stages compute in `compute_dtype` (the precision policy's, train/precision.py).
+                            forward_only: bool = False, module_dtypes: Mapping[str, Any] | None = None,
+                            head_dtype=None, stage_stacks: Sequence[Callable | None] | None = None,
+                            layer_tap_of: Callable | None = None) -> Callable:
+    """(params, microbatches [m, B/m, T][, loss seed]) -> (nll sum, z sum, gradient sums), pipelined over
+    `pipe`. Stages run the model's own pieces (models/llama.py: `embed_tokens`, `run_layers`, `final_norm`,
+    `head_loss`) in the precision policy's dtypes (`compute_dtype`, `module_dtypes`, `head_dtype`;
+    train/precision.py). `stage_stacks[s]`: the layer stack (remat policy, train/remat.py) of global stage s,
+    None = a plain scan; stages that share one (equal) layer stack share one branch of the stage program.
+    `layer_tap_of(fault flags)`: the model's layer tap (the fault injector's in-step faults, train/faults.py),
+    given global layer indices; the flags are then the step's fourth argument.
 
-    Sums over all unmasked tokens, like train/step.py's loss_sums; the caller divides.
+    Sums over all unmasked tokens, like train/step.py's loss_sums; the caller divides. The loss seed
+    (default 1) multiplies the backward's starting gradient: the fp16 loss scale over the token count.
     `forward_only` (evaluation): -> (nll sum, z sum), the forward slots of AFAB with one layer chunk
     per rank, whatever the training schedule (a forward has no backward to interleave with)."""
     mesh, mc = rules.mesh, cfg.model
@@ -92,59 +105,69 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
     v, L = sched.v, mc.num_layers
     Lc = L // (p * v)
     cd = jnp.dtype(compute_dtype)
+    hd = cd if head_dtype is None else jnp.dtype(head_dtype)
     z_coef = cfg.train.z_loss
-    head_key = "embed" if mc.tie_embeddings else "lm_head"
-    head_spec = "btd,vd->btv" if mc.tie_embeddings else "btd,dv->btv"
+    stacks = [None] * (p * v) if forward_only or stage_stacks is None else list(stage_stacks)
+    branches = list(dict.fromkeys(stacks))  # distinct layer stacks, in stage order
+    branch_of_stage = np.asarray([branches.index(s) for s in stacks], np.int32)
     batch_axes = tuple(a for a in mesh.axis_names if a in TOKEN_AXES)
     act_axes = (PIPE, *batch_axes)  # every activation, buffer and gradient sum varies over these
     param_specs = _param_specs(rules, spec.logical_axes, spec.shapes)
     tok_spec = rules.activation_spec(("batch", "seq"))
     micro_specs = {k: P(None, *tok_spec) for k in ("inputs", "targets", "mask")}
     tables = {k: np.asarray(t) for k, t in sched.tables.items()}
+    ops = StageOps(kv_replicated=mc.num_kv_heads % mesh.shape[TENSOR] != 0)
 
-    def local(params, micro):
+    def local(params, micro, seed, flags):
         r = jax.lax.axis_index(PIPE)
         params = jax.tree.map(lambda x: _vary(x, act_axes), params)
         params = {**params, "layers": {k: a[:, 0] for k, a in params["layers"].items()}}  # [v, Lc, ...]
         b, T = micro["inputs"].shape[1:]
         cos_TK, sin_TK = rotary_tables(jnp.arange(T), mc.resolved_head_dim, mc.rope_theta)
 
-        def stage_forward(chunk_params, x_bTD):
-            stacked = {k: a if k.endswith("_norm") else a.astype(cd) for k, a in chunk_params.items()}  # norms: fp32
-            return decoder_layers(stacked, x_bTD, cos_TK, sin_TK, mc, STAGE_OPS)
+        tap = None if layer_tap_of is None else layer_tap_of(flags)
+
+        def layers_with(stack, chunk_params, x_bTD, stage):
+            stacked = llama.cast_layers(chunk_params, cd, module_dtypes)
+            return llama.run_layers(stacked, x_bTD, cos_TK, sin_TK, mc, ops, module_dtypes, stack, tap,
+                                    first_layer=stage * Lc)[0]
+
+        def stage_forward(chunk_params, x_bTD, stage):
+            if len(branches) == 1:
+                return layers_with(branches[0], chunk_params, x_bTD, stage)
+            fns = [functools.partial(layers_with, stack) for stack in branches]
+            return jax.lax.switch(jnp.asarray(branch_of_stage)[stage], fns, chunk_params, x_bTD, stage)
 
         def embed(table_vD, i):
-            with jax.named_scope("embed"):  # named scopes: the profiler's modules (picotron_jax/profile)
-                return STAGE_OPS.embed(table_vD.astype(cd), micro["inputs"][i])
+            return llama.embed_tokens(table_vD, micro["inputs"][i], ops, cd, module_dtypes)
 
-        def head_loss(final_norm, head, y_bTD, i):
-            with jax.named_scope("final_norm"):
-                h_bTD = rms_norm(y_bTD, final_norm, mc.rms_norm_eps)
-            with jax.named_scope("head"):
-                nll, z = local_xent(head_spec, h_bTD, head.astype(cd), micro["targets"][i],
-                                     micro["mask"][i].astype(F32))
-                return nll + z_coef * z, (nll, z)
+        def head_loss(ends, y_bTD, i):
+            h_bTD = llama.final_norm(y_bTD, ends["final_norm"], mc, module_dtypes)
+            nll, z = llama.head_loss(h_bTD, ends, micro["targets"][i], micro["mask"][i], mc, ops, hd)
+            return nll + z_coef * z, (nll, z)
 
-        st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, head_key, act_axes,
-                    _vary(jnp.zeros((b, T, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef)
+        st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, llama.head_param(mc), act_axes,
+                    _vary(jnp.zeros((b, T, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
+                    _vary(seed.astype(F32), act_axes))
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
-        run = _afab if sched.kind == "afab" else _one_f_one_b
-        nll, z, grads = run(st, params)
+        nll, z, grads = _run_schedule(st, params)
         nll, z = jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
         layer_grads = {k: jax.lax.psum(g, batch_axes)[:, None] for k, g in grads.pop("layers").items()}
         grads = {k: jax.lax.psum(g, act_axes) for k, g in grads.items()}  # embedding / head: first / last rank
         return nll, z, {**grads, "layers": layer_grads}
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(param_specs, micro_specs),
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(param_specs, micro_specs, P(), P()),
                             out_specs=(P(), P()) if forward_only else (P(), P(), param_specs))
 
-    def loss_and_grads(params, micro):
+    def loss_and_grads(params, micro, seed=None, fault_flags=None):
         layers = {k: a.reshape(v, p, Lc, *a.shape[1:]) for k, a in params["layers"].items()}
+        seed = jnp.ones((), F32) if seed is None else jnp.asarray(seed, F32)
+        flags = jnp.zeros((2,), jnp.int32) if fault_flags is None else fault_flags
         if forward_only:
-            return sharded({**params, "layers": layers}, micro)
-        nll, z, grads = sharded({**params, "layers": layers}, micro)
+            return sharded({**params, "layers": layers}, micro, seed, flags)
+        nll, z, grads = sharded({**params, "layers": layers}, micro, seed, flags)
         grads["layers"] = {k: a.reshape(L, *a.shape[3:]) for k, a in grads["layers"].items()}
         return nll, z, grads
 
@@ -165,10 +188,15 @@ class _Stage:
     head_key: str  # "lm_head", or "embed" when tied
     act_axes: tuple[str, ...]
     zero_act: jax.Array  # [b, T, D] zeros, typed like every activation
-    stage_forward: Callable  # (chunk params [Lc, ...], x [b, T, D]) -> y [b, T, D]
+    stage_forward: Callable  # (chunk params [Lc, ...], x [b, T, D], global stage) -> y [b, T, D]
     embed: Callable  # (table, microbatch) -> x [b, T, D]
-    head_loss: Callable  # (final_norm, head, y, microbatch) -> (objective, (nll, z))
+    head_loss: Callable  # ({"final_norm", head param}, y, microbatch) -> (objective, (nll, z))
     z_coef: float
+    seed: jax.Array  # the backward's starting gradient (1, or the fp16 loss scale / tokens)
+
+    def ends(self, params: dict) -> dict:
+        """The last stage's parameters: final norm and the head's (the embedding table when tied)."""
+        return {"final_norm": params["final_norm"], self.head_key: params[self.head_key]}
 
     def row(self, xs_t: dict) -> dict:
         return {k: x[self.rank] for k, x in xs_t.items()}
@@ -180,12 +208,6 @@ class _Stage:
 def _chunk(layers: dict, c: jax.Array) -> dict:
     """One chunk's layers [Lc, ...] out of [v, Lc, ...]."""
     return {k: jax.lax.dynamic_index_in_dim(a, c, keepdims=False) for k, a in layers.items()}
-
-
-def _afab(st: _Stage, params: dict):
-    """GPipe: scan the forward slots, then `jax.grad` runs the backwards in reverse (all residuals kept)."""
-    (_, (nll, z)), grads = jax.value_and_grad(functools.partial(_afab_forward, st), has_aux=True)(params)
-    return nll, z, grads
 
 
 def _afab_forward(st: _Stage, params: dict):
@@ -204,10 +226,10 @@ def _afab_forward(st: _Stage, params: dict):
 
         def forward(x_recv):
             x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: x_recv)
-            y = st.stage_forward(stage_params, x)
+            y = st.stage_forward(stage_params, x, st.rank)
 
             def loss(y):
-                _, (nll, z) = st.head_loss(params["final_norm"], params[st.head_key], y, i)
+                _, (nll, z) = st.head_loss(st.ends(params), y, i)
                 return st.zero_act, nll, z
 
             return jax.lax.cond(row["f_last"], loss, lambda y: (y, zero, zero), y)
@@ -220,8 +242,8 @@ def _afab_forward(st: _Stage, params: dict):
     return nll + st.z_coef * z, (nll, z)
 
 
-def _one_f_one_b(st: _Stage, params: dict):
-    """1F1B / interleaved: F and B written out per slot; B recomputes the stage from its stored input.
+def _run_schedule(st: _Stage, params: dict):
+    """AFAB / 1F1B / interleaved: F and B written out per slot; B recomputes the stage from its stored input.
 
     Carry: `acts` [Na, b, T, D] stage inputs (arrived, or waiting for their B), `grads_in`
     [Ng, b, T, D] input-gradients from the next stage (or the loss), and f32 gradient sums."""
@@ -231,23 +253,22 @@ def _one_f_one_b(st: _Stage, params: dict):
     carry = {
         "acts": _vary(jnp.zeros((s.act_slots, *b_T_D), st.zero_act.dtype), st.act_axes),
         "grads_in": _vary(jnp.zeros((s.grad_slots, *b_T_D), st.zero_act.dtype), st.act_axes),
-        "layers": acc["layers"], "embed": acc["embed"], "final_norm": acc["final_norm"],
-        "head": acc[st.head_key], "nll": st.zero(), "z": st.zero(),
+        "grads": acc, "nll": st.zero(), "z": st.zero(),
     }
 
     def forward(row, c):
         i = row["f_mb"]
         x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: c["acts"][row["f_buf"]])
         c = {**c, "acts": c["acts"].at[row["f_buf"]].set(x)}
-        y = st.stage_forward(_chunk(params["layers"], row["f_chunk"]), x)
+        y = st.stage_forward(_chunk(params["layers"], row["f_chunk"]), x, row["f_chunk"] * p + st.rank)
 
         def loss(c, y):  # last stage: loss, and its gradient for this microbatch's B
-            head_fn = lambda norm, head, y: st.head_loss(norm, head, y, i)  # noqa: E731
-            obj, vjp, (nll, z) = jax.vjp(head_fn, params["final_norm"], params[st.head_key], y, has_aux=True)
-            d_norm, d_head, dy = vjp(jnp.ones_like(obj))
+            head_fn = lambda ends, y: st.head_loss(ends, y, i)  # noqa: E731
+            obj, vjp, (nll, z) = jax.vjp(head_fn, st.ends(params), y, has_aux=True)
+            d_ends, dy = vjp(st.seed.astype(obj.dtype))
+            grads = {**c["grads"], **{k: c["grads"][k] + g for k, g in d_ends.items()}}
             c = {**c, "grads_in": c["grads_in"].at[row["f_gbuf"]].set(dy.astype(y.dtype)),
-                 "final_norm": c["final_norm"] + d_norm, "head": c["head"] + d_head,
-                 "nll": c["nll"] + nll, "z": c["z"] + z}
+                 "grads": grads, "nll": c["nll"] + nll, "z": c["z"] + z}
             return c, st.zero_act
 
         return jax.lax.cond(row["f_last"], loss, lambda c, y: (c, y), c, y)
@@ -255,15 +276,16 @@ def _one_f_one_b(st: _Stage, params: dict):
     def backward(row, c):
         i, k = row["b_mb"], row["b_chunk"]
         x, dy = c["acts"][row["b_buf"]], c["grads_in"][row["b_gbuf"]]
-        _, vjp = jax.vjp(st.stage_forward, _chunk(params["layers"], k), x)
+        stage_fn = lambda chunk, x: st.stage_forward(chunk, x, k * p + st.rank)  # noqa: E731
+        _, vjp = jax.vjp(stage_fn, _chunk(params["layers"], k), x)
         d_chunk, dx = vjp(dy)
-        layers = {n: g.at[k].add(d_chunk[n].astype(F32)) for n, g in c["layers"].items()}
-        c = {**c, "layers": layers}
+        layers = {n: g.at[k].add(d_chunk[n].astype(F32)) for n, g in c["grads"]["layers"].items()}
+        c = {**c, "grads": {**c["grads"], "layers": layers}}
 
         def to_embedding(c, dx):  # first stage: the gradient reaches the embedding table
             _, vjp = jax.vjp(lambda table: st.embed(table, i), params["embed"])
             (d_table,) = vjp(dx)
-            return {**c, "embed": c["embed"] + d_table}, st.zero_act
+            return {**c, "grads": {**c["grads"], "embed": c["grads"]["embed"] + d_table}}, st.zero_act
 
         return jax.lax.cond(row["b_first"], to_embedding, lambda c, dx: (c, dx), c, dx)
 
@@ -279,9 +301,4 @@ def _one_f_one_b(st: _Stage, params: dict):
         return {**c, "acts": acts, "grads_in": grads_in}, None
 
     c, _ = jax.lax.scan(slot, carry, st.tables)
-    grads = {"layers": c["layers"], "embed": c["embed"], "final_norm": c["final_norm"]}
-    if st.head_key == "lm_head":
-        grads["lm_head"] = c["head"]
-    else:
-        grads["embed"] = grads["embed"] + c["head"]
-    return c["nll"], c["z"], grads
+    return c["nll"], c["z"], c["grads"]

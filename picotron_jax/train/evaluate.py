@@ -27,7 +27,8 @@ def build_eval_step(cfg: Config, rules: MeshRules, setup: StateSetup):
         from picotron_jax.parallel.pipeline import pipeline_loss_and_grads
 
         forward = pipeline_loss_and_grads(cfg, rules, setup.spec, jnp.dtype(setup.policy.compute_dtype),
-                                          forward_only=True)
+                                          forward_only=True, module_dtypes=setup.policy.model_dtypes(),
+                                          head_dtype=setup.policy.dtype_of("head"))
 
         def nll_sum(params, batch):
             return forward(params, split_microbatches(batch, cfg.pipeline.microbatches, rules))[0]

@@ -29,6 +29,7 @@ activations are all alive at once and nothing is saved (bench-32m on XLA:CPU, fu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -68,19 +69,66 @@ def remat_segments(cfg: Config) -> list[tuple[str, int]]:
 
 def make_layer_stack(cfg: Config) -> Callable | None:
     """`layer_stack(block, x, stacked, unroll)` for Llama.hidden_states; None = the plain scan."""
-    segments = remat_segments(cfg)
-    names = tuple(x.strip() for x in cfg.memory.remat_names.split(",") if x.strip())
-    if segments == [("none", cfg.model.num_layers)]:
-        return None
+    return segments_layer_stack(tuple(remat_segments(cfg)), _remat_names(cfg))
 
-    def layer_stack(block, x_BTD, stacked, unroll):
-        start = 0
-        for name, count in segments:
-            policy = checkpoint_policy(name, names)
-            body = block if name == "none" else jax.checkpoint(block, policy=policy, prevent_cse=False)
-            part = stacked if count == cfg.model.num_layers else jax.tree.map(lambda a: a[start:start + count], stacked)
-            x_BTD = scan_layers(body, x_BTD, part, min(unroll, count) if name == "none" else 1)
+
+def stage_layer_stacks(cfg: Config, num_stages: int) -> list[Callable | None]:
+    """The layer stack of each of `num_stages` pipeline stages of equal size (parallel/pipeline.py): the
+    policy segments cut to the stage's layers. Stages with the same segments get the same function."""
+    per_stage = cfg.model.num_layers // num_stages
+    layer_policy = [name for name, count in remat_segments(cfg) for _ in range(count)]
+    stacks: dict[tuple, Callable | None] = {}
+    out = []
+    for s in range(num_stages):
+        segments: list[list] = []
+        for name in layer_policy[s * per_stage:(s + 1) * per_stage]:
+            if segments and segments[-1][0] == name:
+                segments[-1][1] += 1
+            else:
+                segments.append([name, 1])
+        key = tuple((name, count) for name, count in segments)
+        if key not in stacks:
+            stacks[key] = segments_layer_stack(key, _remat_names(cfg))
+        out.append(stacks[key])
+    return out
+
+
+def _remat_names(cfg: Config) -> tuple[str, ...]:
+    return tuple(x.strip() for x in cfg.memory.remat_names.split(",") if x.strip())
+
+
+def segments_layer_stack(segments: tuple[tuple[str, int], ...], names: tuple[str, ...]) -> "LayerStack | None":
+    """The layer stack that runs `segments` ((policy, layer count), ... in layer order); None = plain scan."""
+    if all(name == "none" for name, _ in segments):
+        return None
+    return LayerStack(segments, names)
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """`layer_stack(block, x, stacked, unroll)`: one scan per segment, its block under the segment's
+    policy. Equal segments give equal (hashable) stacks: pipeline stages with the same policies share
+    one branch of the stage program (parallel/pipeline.py)."""
+
+    segments: tuple[tuple[str, int], ...]
+    names: tuple[str, ...]
+
+    def __call__(self, block, x_BTD, stacked, unroll):
+        total, start = sum(count for _, count in self.segments), 0
+        for name, count in self.segments:
+            part = stacked if count == total else jax.tree.map(lambda a: a[start:start + count], stacked)
+            x_BTD = scan_layers(self._remat(name, block), x_BTD, part, min(unroll, count) if name == "none" else 1)
             start += count
         return x_BTD
 
-    return layer_stack
+    def remat_block(self, block: Callable) -> Callable:
+        """`block` under the one policy of the whole stack: how the MoE mixed stack (models/moe_layers.py),
+        which scans groups of layers rather than layer ranges, applies remat. Config validation refuses
+        per-layer segments on MoE models."""
+        (name,) = {name for name, _ in self.segments}
+        return self._remat(name, block)
+
+    def _remat(self, name: str, block: Callable) -> Callable:
+        if name == "none":
+            return block
+        return jax.checkpoint(block, policy=checkpoint_policy(name, self.names), prevent_cse=False)

@@ -7,6 +7,7 @@ microbatch contributes sums (of nll and of log(Z)^2) that are divided once at th
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -20,11 +21,11 @@ from picotron_jax.config import Config
 from picotron_jax.errors import UserError
 from picotron_jax.parallel.ops import MeshOps
 from picotron_jax.parallel.sharding import MeshRules
+from picotron_jax.models import llama
 from picotron_jax.parallel import zero
-from picotron_jax.parallel.vocab import vocab_parallel_cross_entropy
 from picotron_jax.train import faults, moe_aux, monitor_stats
 from picotron_jax.train import precision as mp
-from picotron_jax.train.remat import make_layer_stack
+from picotron_jax.train.remat import make_layer_stack, stage_layer_stacks
 from picotron_jax.train.state import StateSetup, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B, T]
@@ -55,12 +56,8 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.Prec
         batch, positions_T = to_sequence_layout(batch, rules)
         h_BTD, moe_stats = model.hidden_states_and_moe_stats(batch["inputs"], ops, compute_dtype, positions_T,
                                                              module_dtypes, layer_stack, tap)
-        with jax.named_scope("head"):  # named scopes: the profiler's modules (picotron_jax/profile)
-            h_BTD = h_BTD.astype(head_dtype)
-            head = model.head_weight().astype(head_dtype)
-            nll, z = vocab_parallel_cross_entropy(
-                rules, h_BTD, head, batch["targets"], batch["mask"], vocab_first=model.head_is_vocab_first
-            )
+        nll, z = llama.head_loss(h_BTD, {llama.head_param(cfg.model): model.head_weight()}, batch["targets"],
+                                 batch["mask"], cfg.model, ops, head_dtype)
         moe_stats = moe_aux.token_weighted(moe_stats, jnp.sum(batch["mask"].astype(jnp.float32)))
         return nll + z_coef * z + moe_aux.balancing_objective(cfg.moe, moe_stats), (nll, z, moe_stats)
 
@@ -122,13 +119,13 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     pipelined = None
     if rules.mesh.shape["pipe"] > 1:  # parallel/pipeline.py: the microbatches flow through the pipe stages
         from picotron_jax.parallel.pipeline import pipeline_loss_and_grads
+        from picotron_jax.parallel.pipeline_schedule import schedule_of_config
 
-        policy = setup.policy
-        if policy.loss_scaling or policy.module_dtypes:
-            raise UserError(f"pipeline parallelism (mesh.pipe = {rules.mesh.shape['pipe']}) runs one compute dtype "
-                            f"without loss scaling; {policy.describe()} needs precision.mode fp32 or bf16 without "
-                            f"per-module overrides or a policy file")
-        pipelined = pipeline_loss_and_grads(cfg, rules, setup.spec, jnp.dtype(policy.compute_dtype))
+        policy, sched = setup.policy, schedule_of_config(cfg, rules.mesh.shape["pipe"])
+        pipelined = pipeline_loss_and_grads(cfg, rules, setup.spec, jnp.dtype(policy.compute_dtype),
+                                            module_dtypes=policy.model_dtypes(), head_dtype=policy.dtype_of("head"),
+                                            stage_stacks=stage_layer_stacks(cfg, sched.num_stages),
+                                            layer_tap_of=functools.partial(faults.layer_tap, cfg.faults))
 
     def gradient_sums(params, batch, sums_scale, fault_flags):
         """(gradient sums, nll sum, z sum, MoE sums) over the batch, accumulated over m microbatches."""
@@ -155,8 +152,11 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
-        if pipelined is not None:  # dense layers only (config validation), no loss scale
-            nll, z, grads = pipelined(params, split_microbatches(batch, cfg.pipeline.microbatches, rules))
+        if pipelined is not None:  # dense layers only (config validation)
+            if fault_flags is not None:
+                batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
+            micro = split_microbatches(batch, cfg.pipeline.microbatches, rules)
+            nll, z, grads = pipelined(params, micro, sums_scale, fault_flags)
             moe = None
         elif grouped:  # parallel/zero.py: each data rank's gradient sums, reduce-scattered over data
             if fault_flags is not None:  # the noise spike on the whole batch, as without groups
