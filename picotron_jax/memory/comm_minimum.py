@@ -1,0 +1,131 @@
+"""The least collective traffic a layout needs per train step, in closed form, against the compiled HLO's.
+
+Per device and step, in `observe/hlo.py`'s size convention (nccl-tests' data size S: an all-reduce counts
+its tensor, an all-gather its output, a reduce-scatter its input, an all-to-all / collective-permute its
+tensor), and as wire bytes (what one device sends on a ring: all-reduce 2(n-1)/n S, all-gather,
+reduce-scatter and all-to-all (n-1)/n S, collective-permute S; n the group size; Patarasuk & Yuan 2009).
+
+Terms (b = sequences per device, t = tokens per sequence per device, D width, L layers, fp32 = 4 bytes):
+
+* DP gradient reduce: one all-reduce of this device's gradient (its parameters' bytes before any data
+  split). ZeRO-1: a reduce-scatter of it and an all-gather of the updated parameters; ZeRO-3 (FSDP): the
+  reduce-scatter and two all-gathers (forward, and again in the backward; Rajbhandari et al. 2020 sec. 5).
+* TP (Megatron, Shoeybi et al. 2019 sec. 3): two all-reduces of [b, t, D] per layer forward (attention and
+  MLP outputs) and two backward (their inputs' gradients), plus the vocabulary-parallel embedding's output
+  (forward) and the LM head input's gradient (backward): (4L + 2) b t D.
+* CP ring (Liu et al. 2023): per layer c - 1 hops of this device's K and V chunk in the forward pass; the
+  backward sends K, V and their gradient accumulators round again: 6 (c - 1) b t G K per layer.
+* EP: four all-to-alls of the routed tokens per MoE layer (there and back, forward and backward),
+  b T k D each (dropless), or the capacity buffers b E C D (capacity mode).
+
+Scalars (the loss, the gradient norm, token counts) are ignored: a few bytes. Pipeline boundaries are
+not modelled (the SPMD pipeline's collective-permutes carry every stage's buffer each tick).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+from picotron_jax.config import Config
+from picotron_jax.models.moe import expert_capacity
+from picotron_jax.observe.hlo import computation_runs, device_groups, instruction_collective, parse_hlo
+
+WIRE_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
+               "reduce-scatter": lambda n: (n - 1) / n, "all-to-all": lambda n: (n - 1) / n,
+               "collective-permute": lambda n: 1.0}
+
+
+def gradient_bytes(setup: Any, data_axis: str = "data") -> int:
+    """fp32 bytes of this device's gradient before the data reduction: its parameters' shards, with any
+    split over `data` (ZeRO-3) undone."""
+    total = 0
+    for sds, sh in zip(jax.tree.leaves(setup.abstract.params), jax.tree.leaves(setup.shardings.params)):
+        shard = math.prod(sh.shard_shape(sds.shape))
+        data_split = sum(1 for axes in sh.spec if axes is not None and data_axis in (axes if isinstance(axes, tuple)
+                                                                                       else (axes,)))
+        total += 4 * shard * (sh.mesh.shape[data_axis] if data_split else 1)
+    return total
+
+
+def minimum_terms(cfg: Config, mesh_shape: dict[str, int], grad_bytes: int) -> list[tuple[str, str, int, int]]:
+    """[(term, collective kind, bytes S, group size n)] of the least traffic for this layout."""
+    m, tr = cfg.model, cfg.train
+    d, c, e, t_ = (mesh_shape[a] for a in ("data", "context", "expert", "tensor"))
+    if mesh_shape["pipe"] > 1:
+        raise ValueError("config field 'mesh.pipe' > 1: pipeline boundaries are not modelled; use pipe=1")
+    b = tr.global_batch // (d * e)
+    t = tr.seq_len // c
+    D, L = m.hidden_size, m.num_layers
+    terms = []
+    reduce_group = d * c * e  # dense parameters: their gradients summed over every batch axis
+    if reduce_group > 1:
+        if tr.zero_stage == 0:
+            terms.append(("DP gradient all-reduce", "all-reduce", grad_bytes, reduce_group))
+        else:
+            terms.append(("ZeRO gradient reduce-scatter", "reduce-scatter", grad_bytes, reduce_group))
+            gathers = 1 if tr.zero_stage == 1 else 2
+            terms.append((f"ZeRO parameter all-gather x{gathers}", "all-gather", gathers * grad_bytes, d))
+    if t_ > 1:
+        terms.append(("TP activation all-reduces", "all-reduce", (4 * L + 2) * b * t * D * 4, t_))
+    if c > 1:
+        G, K = m.num_kv_heads, m.resolved_head_dim
+        terms.append(("CP K/V ring", "collective-permute", 6 * (c - 1) * b * t * G * K * 4 * L, 2))
+    if cfg.moe.enabled and e > 1:
+        mo = cfg.moe
+        moe_layers = (L - mo.first_dense_layers) // mo.every_n_layers
+        if mo.dispatch == "capacity":
+            per = b * mo.num_experts * expert_capacity(tr.seq_len, mo.top_k, mo.num_experts, mo.capacity_factor) * D
+        else:
+            per = b * tr.seq_len * mo.top_k * D
+        terms.append(("EP token all-to-alls", "all-to-all", 4 * per * 4 * moe_layers, e))
+    return terms
+
+
+def measured_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Per kind: bytes S (as observe/hlo.collective_bytes) and wire bytes (S x the ring factor of the
+    instruction's own group size), per device and program execution."""
+    comps, entry = parse_hlo(hlo_text)
+    runs = computation_runs(comps, entry)
+    out = {k: {"bytes": 0.0, "wire": 0.0} for k in WIRE_FACTOR}
+    for name, times in runs.items():
+        comp = comps[name]
+        for ins in comp.instrs:
+            hit = instruction_collective(ins, comp)
+            if hit is None or hit[0] not in out:
+                continue
+            kind, nbytes = hit
+            groups = device_groups(ins.raw_attrs)
+            n = 2 if kind == "collective-permute" else max((len(g) for g in groups), default=1)
+            out[kind]["bytes"] += times * nbytes
+            out[kind]["wire"] += times * nbytes * WIRE_FACTOR[kind](max(n, 1))
+    return out
+
+
+def compare(cfg: Config, compiled: Any, setup: Any, mesh_shape: dict[str, int]) -> dict[str, Any]:
+    """The minimum against the compiled step: per kind bytes, wire-byte totals and their ratio."""
+    terms = minimum_terms(cfg, mesh_shape, gradient_bytes(setup))
+    measured = measured_collectives(compiled.as_text())
+    minimum = {k: 0.0 for k in WIRE_FACTOR}
+    min_wire = 0.0
+    for _, kind, nbytes, n in terms:
+        minimum[kind] += nbytes
+        min_wire += nbytes * WIRE_FACTOR[kind](n)
+    wire = sum(v["wire"] for v in measured.values())
+    return {"terms": terms, "minimum": minimum, "measured": {k: v["bytes"] for k, v in measured.items()},
+            "minimum_wire": min_wire, "measured_wire": wire,
+            "ratio": wire / min_wire if min_wire else (1.0 if wire == 0 else float("inf"))}
+
+
+def compare_preset(cfg: Config, devices: list | None = None) -> dict[str, Any]:
+    """Compile (never run) the train step of `cfg` and compare its collectives with the minimum."""
+    from picotron_jax.memory.estimate import compile_train_step
+
+    devices = devices or jax.devices()[: cfg.mesh.num_devices or len(jax.devices())]
+    compiled, rules, setup, _ = compile_train_step(cfg, devices)
+    return compare(cfg, compiled, setup, dict(rules.mesh.shape))
+
+
+__all__ = ["compare", "compare_preset", "gradient_bytes", "measured_collectives", "minimum_terms"]
