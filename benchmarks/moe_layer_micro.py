@@ -1,5 +1,6 @@
 """One FFN layer of bench-moe-32m, forward + backward, on one device: dense SwiGLU (width 1408) vs the MoE
-block (8 experts of width 704, top-2) in capacity (1.25) and dropless mode. Medians of 5 runs, in one process.
+block (8 experts of width 704, top-2) in capacity (1.25) and dropless mode, the latter with its CPU row-block
+grouped matmul and with `ragged_dot` (models/moe_grouped.py). Medians of 5 runs, in one process.
 
 Usage: .venv/bin/python benchmarks/moe_layer_micro.py
 """
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picotron_jax.config import MoEConfig
-from picotron_jax.models import moe
+from picotron_jax.models import moe, moe_grouped
 from picotron_jax.models.linear import project
 from picotron_jax.models.llama import LOCAL_OPS
 
@@ -49,10 +50,15 @@ def main() -> None:
         return jax.grad(lambda p, h: jnp.sum(fn(p, h)))
 
     print(f"{'dense SwiGLU':24s} {median_ms(grad_of(dense_ffn), dense, h):8.1f} ms", flush=True)
-    for dispatch in ("capacity", "dropless"):
+    chosen = moe.grouped_swiglu
+    for label, dispatch, grouped in (("capacity", "capacity", chosen), ("dropless, row blocks", "dropless",
+                                     moe_grouped.block_swiglu), ("dropless, ragged_dot", "dropless",
+                                     moe_grouped.ragged_swiglu)):
+        moe.grouped_swiglu = grouped  # the name models/moe.py's dropless_experts calls
         cfg = MoEConfig(num_experts=E, top_k=K, dispatch=dispatch, capacity_factor=1.25)
         ms = median_ms(grad_of(lambda p, h: moe.moe_ffn(p, h, cfg, LOCAL_OPS)[0]), experts, h)
-        print(f"{'MoE ' + dispatch:24s} {ms:8.1f} ms", flush=True)
+        print(f"{'MoE ' + label:24s} {ms:8.1f} ms", flush=True)
+    moe.grouped_swiglu = chosen
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Two dispatch modes:
   and expert parallelism is one `all_to_all` each way (parallel/expert.py). The groups are
   sequences, never devices: which tokens drop does not depend on the mesh.
 * **dropless** (MegaBlocks, Gale et al. 2023; Megatron-Core): the token copies are sorted by
-  expert and multiplied with grouped matmuls (`jax.lax.ragged_dot`); no token is ever dropped.
+  expert and multiplied with grouped matmuls (models/moe_grouped.py: `jax.lax.ragged_dot`, or
+  single-expert row blocks on CPU); no token is ever dropped.
 
 Balancing, each independently switchable (config `moe.*`):
 
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from picotron_jax.config import MoEConfig
 from picotron_jax.models.linear import project
+from picotron_jax.models.moe_grouped import grouped_swiglu, ragged_swiglu  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # models/ops.py imports this module
     from picotron_jax.models.ops import ParallelOps
@@ -145,14 +147,6 @@ def swiglu_experts(x_EBCD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, dot=proj
 # ------------------------------------------------------------------------------ dropless mode
 
 
-def ragged_swiglu(x_MD: jax.Array, group_sizes_E: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
-    """SwiGLU with grouped matmuls: rows [M, D] sorted by expert, group_sizes_E rows per expert.
-    Rows past sum(group_sizes_E) (padding) come out as zeros."""
-    gate = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
-    up = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, group_sizes_E)
-
-
 def sort_by_expert(experts_NK: jax.Array, num_experts: int):
     """Token copies sorted by expert: (order [M], token of each sorted copy [M], rows per expert [E])."""
     K = experts_NK.shape[-1]
@@ -166,7 +160,7 @@ def dropless_experts(x_BTD: jax.Array, experts_BTK: jax.Array, w_gate_EDF, w_up_
     B, T, D = x_BTD.shape
     K, E = experts_BTK.shape[-1], w_gate_EDF.shape[0]
     order_M, token_M, sizes_E = sort_by_expert(experts_BTK.reshape(B * T, K), E)
-    y_sorted_MD = ragged_swiglu(x_BTD.reshape(B * T, D)[token_M], sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_sorted_MD = grouped_swiglu(x_BTD.reshape(B * T, D)[token_M], sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
     return y_sorted_MD[jnp.argsort(order_M)].reshape(B, T, K, D)
 
 

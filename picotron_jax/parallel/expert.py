@@ -15,7 +15,7 @@ but XLA:CPU cannot run it (jaxlib 0.10: "HLO opcode ragged-all-to-all is not sup
 XLA:CPU ThunkEmitter"), so this module uses the padded fallback on every backend: each rank
 sends every other rank a buffer of M = b*t*k rows (room for all of its token copies), filled
 with the copies for that rank's experts, sorted by expert, then zeros. Exact (nothing drops,
-padding rows give zero through `ragged_dot`), but it moves ep x M x D per rank instead of about
+padding rows give zero through the grouped matmul), but it moves ep x M x D per rank instead of about
 M x D and the experts' buffers are ep times larger. The per-expert counts travel with a second,
 tiny all_to_all.
 
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from picotron_jax.models.moe import Routing, ragged_swiglu, route, sort_by_expert, swiglu_experts
+from picotron_jax.models.moe import Routing, route, sort_by_expert, swiglu_experts
+from picotron_jax.models.moe_grouped import grouped_swiglu
 from picotron_jax.parallel.sharding import MeshRules
 
 
@@ -88,7 +89,7 @@ def _dropless_exchange(x_sorted_MD, e_sorted_M, sizes_E, wg, wu, wd, ep_axis: st
     ends_PE = jnp.cumsum(recv_sizes_PE, axis=1)
     local_e = jnp.sum(jnp.arange(M)[None, :, None] >= ends_PE[:, None, :], axis=-1).reshape(ep * M)
     order = jnp.argsort(local_e, stable=True)
-    y_rows = ragged_swiglu(recv_PMD.reshape(ep * M, D)[order], jnp.sum(recv_sizes_PE, axis=0), wg, wu, wd)
+    y_rows = grouped_swiglu(recv_PMD.reshape(ep * M, D)[order], jnp.sum(recv_sizes_PE, axis=0), wg, wu, wd)
     y_PMD = y_rows[jnp.argsort(order)].reshape(ep, M, D)
     if tp is not None:
         y_PMD = jax.lax.psum(y_PMD, tp)
@@ -108,7 +109,7 @@ def dropless_local(x_btD, e_btK, wg, wu, wd, num_experts: int, ep: str | None, t
         y_sorted_MD = _dropless_exchange(x_sorted_MD, e_btK.reshape(-1)[order_M], sizes_E, wg, wu, wd, ep,
                                          ep_size, tp)
     else:
-        y_sorted_MD = ragged_swiglu(x_sorted_MD, sizes_E, wg, wu, wd)
+        y_sorted_MD = grouped_swiglu(x_sorted_MD, sizes_E, wg, wu, wd)
         if tp is not None:
             y_sorted_MD = jax.lax.psum(y_sorted_MD, tp)
     return y_sorted_MD[jnp.argsort(order_M)].reshape(b, t, K, D)
