@@ -26,6 +26,7 @@ from picotron_jax.observe.console import ConsoleLog, ProgressBar
 from picotron_jax.observe.metrics import MetricsFile, StopOnNonFiniteLoss
 from picotron_jax.observe.monitor import Monitor
 from picotron_jax.observe.sinks import PrometheusSink, TensorBoardSink
+from picotron_jax.observe.step_time import StepClock
 from picotron_jax.train.promotion import PrecisionPromotion
 
 REGISTRY: dict[str, Callable] = {}
@@ -111,7 +112,11 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
 
         first, last = debug_callbacks(cfg, run_dir)
         out = first + out + last
-    return out + named + list(extra)
+    out = out + named + list(extra)
+    if cfg.monitor.enabled:  # the step-time split and goodput (observe/step_time.py): stamps around all the others
+        clock = StepClock(run_dir)
+        out = [clock.first, *out, clock.last]
+    return out
 
 
 def _is_store(source: str) -> bool:

@@ -16,6 +16,7 @@ import picotron_jax as pj
 from picotron_jax.callbacks import build_callbacks
 from picotron_jax.errors import UserError
 from picotron_jax.observe.monitor import Monitor, RobustWindow
+from picotron_jax.observe.step_time import ROW_CLASSES
 from helpers import MESHES
 from picotron_jax.cli import main
 from helpers import free_port
@@ -159,6 +160,24 @@ def test_tensorboard_events_hold_the_loss_and_the_config(rewound):
     assert any("config" in t for t in tags["tensors"])
 
 
+def test_the_rewind_run_charges_its_redone_step_to_wasted_and_the_classes_sum_to_wall_time(rewound):
+    run_dir, trainer, summary, _, _, _ = rewound
+    clock = trainer.callbacks.callbacks[0].c  # observe/step_time.py's StepClock
+    ledger = clock.ledger
+    wall = clock.mark - trainer._t_start  # the ledger ends at the last callback of on_run_end
+    assert sum(ledger.values()) == pytest.approx(wall, rel=1e-9)
+    assert ledger["compile"] > 0 and ledger["checkpoint"] > 0 and ledger["init"] > 0 and ledger["device"] > 0
+    assert ledger["wasted"] > 0  # step 5 ran twice: its first run was thrown away by the rewind
+    rows = [r for r in trainer.history if r["kind"] == "train"]
+    assert all(all(r[f"time_{k}_s"] >= 0 for k in ROW_CLASSES) for r in rows)
+    assert rows[0]["time_compile_s"] > 0 and all(r["time_compile_s"] == 0 for r in rows[1:])
+    split = sum(r[f"time_{k}_s"] for r in rows for k in ROW_CLASSES)  # the rows cover the loop, not init
+    assert split <= sum(ledger.values()) - ledger["init"] + 1e-6
+    saved = json.loads((run_dir / "goodput.json").read_text())
+    assert saved["ledger"] == pytest.approx(ledger) and 0 < saved["goodput"] < 1
+    assert rows[-1]["goodput"] == pytest.approx(ledger["device"] / sum(ledger.values()), rel=0.05)
+
+
 def test_skip_leaves_the_parameters_of_a_non_finite_step_untouched(tmp_path):
     trainer = pj.Trainer(tiny("single", "model.num_layers=3", "train.steps=4", "logging.every=1",
                               "faults.nan_step=3", "faults.nan_layer=2", "faults.nan_site=gradient",
@@ -170,6 +189,7 @@ def test_skip_leaves_the_parameters_of_a_non_finite_step_untouched(tmp_path):
     for a, b in zip(before, params_of(trainer), strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(trainer.step()["loss"])
+    assert trainer.callbacks.callbacks[0].c.ledger["wasted"] > 0  # the skipped step's time (observe/step_time.py)
     (alert,) = alerts_of(tmp_path)
     assert (alert["step"], alert["kind"], alert["where"], alert["action"]) == (3, "nan", "layer 2", "skip")
 
