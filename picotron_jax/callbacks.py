@@ -95,6 +95,10 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         out.append(MetricsFile(run_dir / "metrics.jsonl"))
         if cfg.monitor.tensorboard:
             out.append(TensorBoardSink(run_dir / "tensorboard"))
+        if cfg.monitor.plots:
+            from picotron_jax.observe.plots import PlotsAtEnd  # matplotlib only when asked for
+
+            out.append(PlotsAtEnd(run_dir))
     if main and cfg.monitor.prometheus_port:
         out.append(PrometheusSink(cfg.monitor.prometheus_port, monitor))
     if main:

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.tune.command import add_parser as add_tune_parser
 
     add_tune_parser(sub, _add_config_args)
+    from picotron_jax.observe.plots import add_parser as add_plot_parser
+
+    add_plot_parser(sub)
     return parser
 
 
@@ -285,6 +288,15 @@ def cmd_tune(args) -> int:
 
 
 COMMANDS["tune"] = cmd_tune
+
+
+def cmd_plot(args) -> int:
+    from picotron_jax.observe.plots import cmd_plot as run_plot
+
+    return run_plot(args)
+
+
+COMMANDS["plot"] = cmd_plot
 
 
 def _in_multiprocess_run() -> bool:

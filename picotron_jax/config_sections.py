@@ -358,6 +358,7 @@ class MonitorConfig:
     on_memory: str = "alert"  # log | alert | stop (device memory, host memory, disk space)
     max_rewinds: int = 3  # rewinds allowed in one run; one more anomaly asking for a rewind stops the run
     tensorboard: bool = True  # RUN_DIR/tensorboard/ event files (tensorboardX): scalars, layer histograms, config
+    plots: bool = False  # RUN_DIR/plots/*.png at the end of a run (observe/plots.py; also `picotron-jax plot RUN_DIR`)
     prometheus_port: int = 0  # serve the latest row as Prometheus text at http://127.0.0.1:PORT/metrics; 0 = off
     webhook_url: str = ""  # POST every alert as JSON to this URL (a background thread; never blocks a step)
     webhook_timeout_s: float = 5.0
