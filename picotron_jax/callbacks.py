@@ -101,6 +101,10 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
             out.append(PlotsAtEnd(run_dir))
     if main and cfg.monitor.prometheus_port:
         out.append(PrometheusSink(cfg.monitor.prometheus_port, monitor))
+    if main and cfg.monitor.dashboard_port and run_dir is not None:
+        from picotron_jax.observe.dashboard import DashboardDuringRun
+
+        out.append(DashboardDuringRun(run_dir, cfg.monitor.dashboard_port))
     if main:
         out.append(ConsoleLog())
         if cfg.logging.progress:

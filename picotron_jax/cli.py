@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.observe.plots import add_parser as add_plot_parser
 
     add_plot_parser(sub)
+    from picotron_jax.observe.dashboard import add_parser as add_dashboard_parser
+
+    add_dashboard_parser(sub)
     return parser
 
 
@@ -297,6 +300,15 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS["plot"] = cmd_plot
+
+
+def cmd_dashboard(args) -> int:
+    from picotron_jax.observe.dashboard import cmd_dashboard as run_dashboard
+
+    return run_dashboard(args)
+
+
+COMMANDS["dashboard"] = cmd_dashboard
 
 
 def _in_multiprocess_run() -> bool:

@@ -484,6 +484,8 @@ def validate_monitor(cfg: Config) -> None:
         _need(0 <= value <= 1, f"config field 'monitor.{name}' = {value}: must be a fraction from 0 (off) to 1")
     _need(0 <= m.prometheus_port < 65536,
           f"config field 'monitor.prometheus_port' = {m.prometheus_port}: must be a TCP port, or 0 (off)")
+    _need(0 <= m.dashboard_port < 65536,
+          f"config field 'monitor.dashboard_port' = {m.dashboard_port}: must be a TCP port, or 0 (off)")
     _need(not m.webhook_url or m.webhook_url.startswith(("http://", "https://")),
           f"config field 'monitor.webhook_url' = {m.webhook_url!r}: must be an http:// or https:// URL, or empty")
     _need(m.on_nan != "skip" or cfg.precision.mode != "fp16",

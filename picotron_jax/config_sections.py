@@ -360,6 +360,7 @@ class MonitorConfig:
     tensorboard: bool = True  # RUN_DIR/tensorboard/ event files (tensorboardX): scalars, layer histograms, config
     plots: bool = False  # RUN_DIR/plots/*.png at the end of a run (observe/plots.py; also `picotron-jax plot RUN_DIR`)
     prometheus_port: int = 0  # serve the latest row as Prometheus text at http://127.0.0.1:PORT/metrics; 0 = off
+    dashboard_port: int = 0  # serve the live dashboard (observe/dashboard.py) at http://127.0.0.1:PORT/; 0 = off
     webhook_url: str = ""  # POST every alert as JSON to this URL (a background thread; never blocks a step)
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 2
