@@ -466,7 +466,8 @@ def validate_monitor(cfg: Config) -> None:
 
     m = cfg.monitor
     allowed = {"on_nan": MONITOR_ACTIONS, "on_spike": ("log", "alert", "rewind", "stop"),
-               "on_throughput": ("log", "alert", "stop"), "on_memory": ("log", "alert", "stop")}
+               "on_throughput": ("log", "alert", "stop"), "on_memory": ("log", "alert", "stop"),
+               "on_straggler": ("log", "alert", "stop")}
     for name, actions in allowed.items():
         value = getattr(m, name)
         _need(value in actions, f"config field 'monitor.{name}' = {value!r}: valid actions are {', '.join(actions)}")
@@ -476,7 +477,8 @@ def validate_monitor(cfg: Config) -> None:
     for name in ("warmup", "max_rewinds", "webhook_retries"):
         value = getattr(m, name)
         _need(value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
-    for name in ("spike_mads", "spike_min_rel", "grad_spike_min_rel", "disk_min_free_gb", "webhook_timeout_s"):
+    for name in ("spike_mads", "spike_min_rel", "grad_spike_min_rel", "disk_min_free_gb", "webhook_timeout_s",
+                 "straggler_factor", "straggler_min_s"):
         value = getattr(m, name)
         _need(math.isfinite(value) and value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
     for name in ("throughput_drop", "memory_fraction", "host_memory_fraction"):

@@ -59,3 +59,17 @@ def test_a_data_loader_sleep_is_data_wait_and_a_killed_sessions_lost_steps_are_w
     assert again["ledger"]["wasted"] == pytest.approx(lost, rel=1e-9)
 
 
+
+
+def test_the_straggler_rule_names_the_slow_process_of_the_newest_step_every_process_wrote(tmp_path):
+    from picotron_jax.observe.stragglers import find_straggler
+
+    (tmp_path / "processes").mkdir()
+    rows = {0: [(1, 0.01, 0.01), (2, 0.01, 0.02)], 1: [(1, 0.01, 0.01), (2, 0.4, 0.1)], 2: [(1, 0.02, 0.0)]}
+    for p, own in rows.items():
+        lines = [json.dumps({"step": s, "data_s": d, "device_s": 0.1, "host_s": h}) for s, d, h in own]
+        (tmp_path / "processes" / f"{p}.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 3, "da')  # cut short
+    assert find_straggler(tmp_path, 2, 3.0, 0.05, after=0) == (2, 1, pytest.approx(0.5), pytest.approx(0.03))
+    assert find_straggler(tmp_path, 3, 3.0, 0.05, after=0)[:2] == (1, None)  # process 2 has only step 1: judged
+    assert find_straggler(tmp_path, 3, 3.0, 0.05, after=1) is None  # nothing new every process wrote
+    assert find_straggler(tmp_path, 2, 3.0, 1.0, after=0)[1] is None  # below straggler_min_s: noise

@@ -23,7 +23,9 @@ Classes (seconds of the host thread's wall time):
 Every logged row gets `time_data_s`, `time_device_s`, `time_host_s`, `time_checkpoint_s`,
 `time_compile_s`, `time_eval_s` (the split of the time since the previous row; the first row counts
 from the start of `run()`) and `goodput` (productive `device` time over the ledger's total so far, over
-every session of the run directory). The ledger is kept in RUN_DIR/goodput.json (rewritten at every
+every session of the run directory). In a multi-process run each process also appends its own split
+(`step`, `data_s`, `device_s`, `host_s`) to RUN_DIR/processes/P.jsonl, which the monitor's straggler
+detector reads on process 0 (observe/stragglers.py). The ledger is kept in RUN_DIR/goodput.json (rewritten at every
 logged row and at the end of a run; main process) and printed as one line at the end of a run. Time a
 killed session spent after its last logged row is not in the ledger.
 """
@@ -50,6 +52,8 @@ class StepClock:
 
     def __init__(self, run_dir: Path | None):
         self.path = run_dir / "goodput.json" if run_dir is not None and jax.process_index() == 0 else None
+        self.process_log = (run_dir / "processes" / f"{jax.process_index()}.jsonl"
+                            if run_dir is not None and jax.process_count() > 1 else None)
         self.ledger = dict.fromkeys(LEDGER_CLASSES, 0.0)
         self.interval = dict.fromkeys(ROW_CLASSES, 0.0)
         self.owned: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(OWNED, 0.0))
@@ -169,6 +173,10 @@ class _First(Callback):
         c.charge("device")
         c.compiling = False  # the compiling step ends at its row's sync
         row.update({f"time_{k}_s": v for k, v in c.interval.items()}, goodput=c.goodput())
+        if c.process_log is not None:  # each process's own split, for the straggler detector (a file, no collective)
+            c.process_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(c.process_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": row["step"], **{f"{k}_s": c.interval[k] for k in OWNED}}) + "\n")
         c.interval = dict.fromkeys(ROW_CLASSES, 0.0)
         if row.get("update_skipped"):
             c.skipped.add(row["step"])
