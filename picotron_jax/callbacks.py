@@ -1,5 +1,6 @@
 """Which callbacks a run has: the built-in ones its config asks for, then the ones `logging.callbacks`
-names, then the ones passed to `Trainer(callbacks=[...])`, fired in that order.
+names, then the ones passed to `Trainer(callbacks=[...])`, fired in that order; with the monitor on, the step
+clock's two stamps (observe/step_time.py) fire before and after all of them.
 
 A name in `logging.callbacks` is either registered (`register_callback(name, factory)`, e.g. by a
 plugin module) or `package.module:Name`, imported when the run is built. A factory is called with

@@ -65,7 +65,7 @@ class StepClock:
         self.skipped: set[int] = set()
         self.fp16_skipped: int | None = None
         self.started = False
-        self.first, self.last = _First(self), _Last(self)
+        self.first, self.last = ClockStart(self), ClockEnd(self)
 
     # -- accounting ------------------------------------------------------------------------
     def charge(self, cls: str) -> None:
@@ -143,7 +143,7 @@ def ledger_line(total: dict[str, float]) -> str:
         f" | {parts}" if parts else "")
 
 
-class _First(Callback):
+class ClockStart(Callback):
     """Fires before every other callback: the stamp at the start of each event."""
 
     def __init__(self, clock: StepClock):
@@ -201,7 +201,7 @@ class _First(Callback):
         self.c.charge("device")  # the loop's final wait for the state
 
 
-class _Last(Callback):
+class ClockEnd(Callback):
     """Fires after every other callback: what they took is `host` time."""
 
     def __init__(self, clock: StepClock):
