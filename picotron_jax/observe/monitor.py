@@ -19,7 +19,7 @@ Detectors (each anomaly becomes a row of RUN_DIR/alerts.jsonl through observe/al
   directory. Each is reported when it starts, again only after it has cleared.
 * `straggler` (multi-process runs): one process's data wait plus callback time of a logged interval above
   `straggler_factor` x the other processes' median (observe/stragglers.py); `where` names the process. Reported
-  when it starts, again only after it has cleared.
+  when it starts, again only after it has cleared; the first step of each `run()` is not judged.
 
 Actions (`monitor.on_nan`, `on_spike`, `on_throughput`, `on_memory`, `on_straggler`): `log` (one line), `alert` (banner and
 webhook), `skip` (NaN only: the step itself did not apply the update, decided inside the jitted step,
@@ -112,6 +112,7 @@ class Monitor(Callback):
         self._open_alerts(trainer)
         self._judge_from = trainer.step_count + self.m.warmup
         self.rewinds = 0
+        self._straggler_step = trainer.step_count + 1  # the first step's interval holds each process's first read
 
     def _open_alerts(self, trainer) -> Alerts:
         if self.alerts is None:
