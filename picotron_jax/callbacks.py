@@ -1,5 +1,6 @@
 """Which callbacks a run has: the built-in ones its config asks for, then the ones `logging.callbacks`
-names, then the ones passed to `Trainer(callbacks=[...])`, fired in that order.
+names, then the ones passed to `Trainer(callbacks=[...])`, fired in that order; with the monitor on, the step
+clock's two stamps (observe/step_time.py) fire before and after all of them.
 
 A name in `logging.callbacks` is either registered (`register_callback(name, factory)`, e.g. by a
 plugin module) or `package.module:Name`, imported when the run is built. A factory is called with
@@ -26,6 +27,7 @@ from picotron_jax.observe.console import ConsoleLog, ProgressBar
 from picotron_jax.observe.metrics import MetricsFile, StopOnNonFiniteLoss
 from picotron_jax.observe.monitor import Monitor
 from picotron_jax.observe.sinks import PrometheusSink, TensorBoardSink
+from picotron_jax.observe.step_time import StepClock
 from picotron_jax.train.promotion import PrecisionPromotion
 
 REGISTRY: dict[str, Callable] = {}
@@ -94,8 +96,16 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         out.append(MetricsFile(run_dir / "metrics.jsonl"))
         if cfg.monitor.tensorboard:
             out.append(TensorBoardSink(run_dir / "tensorboard"))
+        if cfg.monitor.plots:
+            from picotron_jax.observe.plots import PlotsAtEnd  # matplotlib only when asked for
+
+            out.append(PlotsAtEnd(run_dir))
     if main and cfg.monitor.prometheus_port:
         out.append(PrometheusSink(cfg.monitor.prometheus_port, monitor))
+    if main and cfg.monitor.dashboard_port and run_dir is not None:
+        from picotron_jax.observe.dashboard import DashboardDuringRun
+
+        out.append(DashboardDuringRun(run_dir, cfg.monitor.dashboard_port))
     if main:
         out.append(ConsoleLog())
         if cfg.logging.progress:
@@ -111,7 +121,11 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
 
         first, last = debug_callbacks(cfg, run_dir)
         out = first + out + last
-    return out + named + list(extra)
+    out = out + named + list(extra)
+    if cfg.monitor.enabled:  # the step-time split and goodput (observe/step_time.py): stamps around all the others
+        clock = StepClock(run_dir)
+        out = [clock.first, *out, clock.last]
+    return out
 
 
 def _is_store(source: str) -> bool:

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     from picotron_jax.tune.command import add_parser as add_tune_parser
 
     add_tune_parser(sub, _add_config_args)
+    from picotron_jax.observe.plots import add_parser as add_plot_parser
+
+    add_plot_parser(sub)
+    from picotron_jax.observe.dashboard import add_parser as add_dashboard_parser
+
+    add_dashboard_parser(sub)
     return parser
 
 
@@ -285,6 +291,24 @@ def cmd_tune(args) -> int:
 
 
 COMMANDS["tune"] = cmd_tune
+
+
+def cmd_plot(args) -> int:
+    from picotron_jax.observe.plots import cmd_plot as run_plot
+
+    return run_plot(args)
+
+
+COMMANDS["plot"] = cmd_plot
+
+
+def cmd_dashboard(args) -> int:
+    from picotron_jax.observe.dashboard import cmd_dashboard as run_dashboard
+
+    return run_dashboard(args)
+
+
+COMMANDS["dashboard"] = cmd_dashboard
 
 
 def _in_multiprocess_run() -> bool:

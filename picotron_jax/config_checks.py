@@ -458,7 +458,8 @@ def validate_monitor(cfg: Config) -> None:
 
     m = cfg.monitor
     allowed = {"on_nan": MONITOR_ACTIONS, "on_spike": ("log", "alert", "rewind", "stop"),
-               "on_throughput": ("log", "alert", "stop"), "on_memory": ("log", "alert", "stop")}
+               "on_throughput": ("log", "alert", "stop"), "on_memory": ("log", "alert", "stop"),
+               "on_straggler": ("log", "alert", "stop")}
     for name, actions in allowed.items():
         value = getattr(m, name)
         _need(value in actions, f"config field 'monitor.{name}' = {value!r}: valid actions are {', '.join(actions)}")
@@ -468,7 +469,8 @@ def validate_monitor(cfg: Config) -> None:
     for name in ("warmup", "max_rewinds", "webhook_retries"):
         value = getattr(m, name)
         _need(value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
-    for name in ("spike_mads", "spike_min_rel", "grad_spike_min_rel", "disk_min_free_gb", "webhook_timeout_s"):
+    for name in ("spike_mads", "spike_min_rel", "grad_spike_min_rel", "disk_min_free_gb", "webhook_timeout_s",
+                 "straggler_factor", "straggler_min_s"):
         value = getattr(m, name)
         _need(math.isfinite(value) and value >= 0, f"config field 'monitor.{name}' = {value}: must be >= 0")
     for name in ("throughput_drop", "memory_fraction", "host_memory_fraction"):
@@ -476,6 +478,8 @@ def validate_monitor(cfg: Config) -> None:
         _need(0 <= value <= 1, f"config field 'monitor.{name}' = {value}: must be a fraction from 0 (off) to 1")
     _need(0 <= m.prometheus_port < 65536,
           f"config field 'monitor.prometheus_port' = {m.prometheus_port}: must be a TCP port, or 0 (off)")
+    _need(0 <= m.dashboard_port < 65536,
+          f"config field 'monitor.dashboard_port' = {m.dashboard_port}: must be a TCP port, or 0 (off)")
     _need(not m.webhook_url or m.webhook_url.startswith(("http://", "https://")),
           f"config field 'monitor.webhook_url' = {m.webhook_url!r}: must be an http:// or https:// URL, or empty")
     _need(m.on_nan != "skip" or cfg.precision.mode != "fp16",

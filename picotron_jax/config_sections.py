@@ -356,9 +356,14 @@ class MonitorConfig:
     on_spike: str = "alert"  # log | alert | rewind | stop (loss spike and grad-norm spike)
     on_throughput: str = "alert"  # log | alert | stop
     on_memory: str = "alert"  # log | alert | stop (device memory, host memory, disk space)
+    on_straggler: str = "alert"  # log | alert | stop (multi-process: a process far slower than the others)
+    straggler_factor: float = 3.0  # a process's data wait + callback time above this x the others' median; 0 = off
+    straggler_min_s: float = 0.05  # ... and above this many seconds per logged interval (ignores noise)
     max_rewinds: int = 3  # rewinds allowed in one run; one more anomaly asking for a rewind stops the run
     tensorboard: bool = True  # RUN_DIR/tensorboard/ event files (tensorboardX): scalars, layer histograms, config
+    plots: bool = False  # RUN_DIR/plots/*.png at the end of a run (observe/plots.py; also `picotron-jax plot RUN_DIR`)
     prometheus_port: int = 0  # serve the latest row as Prometheus text at http://127.0.0.1:PORT/metrics; 0 = off
+    dashboard_port: int = 0  # serve the live dashboard (observe/dashboard.py) at http://127.0.0.1:PORT/; 0 = off
     webhook_url: str = ""  # POST every alert as JSON to this URL (a background thread; never blocks a step)
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 2

@@ -1,11 +1,16 @@
 """The monitor (observe/monitor.py): each detector is shown a fault injected through the fault injector
-(config `faults`) and catches it at its step; actions, alerts, webhook, TensorBoard and Prometheus."""
+(config `faults`) and catches it at its step; actions, alerts, webhook, TensorBoard and Prometheus; the
+goodput ledger, the plots and the live dashboard of the same run (the dashboard's page script runs in
+Node.js against the server with a minimal DOM: no browser is installed here)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 import threading
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -15,7 +20,10 @@ import pytest
 import picotron_jax as pj
 from picotron_jax.callbacks import build_callbacks
 from picotron_jax.errors import UserError
+from picotron_jax.observe.dashboard import serve
+from picotron_jax.observe.dashboard_page import PAGE
 from picotron_jax.observe.monitor import Monitor, RobustWindow
+from picotron_jax.observe.step_time import ROW_CLASSES
 from helpers import MESHES
 from picotron_jax.cli import main
 from helpers import free_port
@@ -83,25 +91,27 @@ def test_monitor_config_errors_name_the_field():
 @pytest.fixture(scope="module")
 def rewound(tmp_path_factory):
     """A NaN injected into decoder layer 1's gradient at step 5 (a one-off machine fault), checkpoints every
-    2 steps, on_nan=rewind; a webhook, Prometheus and TensorBoard are on."""
+    2 steps, on_nan=rewind; a webhook, Prometheus, TensorBoard, the plots at the end and the dashboard are on."""
     run_dir = tmp_path_factory.mktemp("rewind")
-    hook, port = Hook(), free_port()
+    hook, port, dash_port = Hook(), free_port(), free_port()
     cfg = tiny("single", "model.num_layers=3", "train.steps=8", "logging.every=1", "checkpoint.every=2",
                "checkpoint.async_save=false", "faults.nan_step=5", "faults.nan_layer=1",
                "faults.nan_site=gradient", "faults.transient=true", "monitor.layer_every=100",
                "monitor.throughput_drop=0",  # tiny steps on a loaded machine: timing noise (its own test below)
-               f"monitor.webhook_url={hook.url}", f"monitor.prometheus_port={port}")
+               f"monitor.webhook_url={hook.url}", f"monitor.prometheus_port={port}", "monitor.plots=true",
+               f"monitor.dashboard_port={dash_port}")
     trainer = pj.Trainer(cfg, run_dir)
     summary = trainer.run()
     prometheus = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    served = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/metrics", timeout=10).read())
     monitor = next(cb for cb in trainer.callbacks if isinstance(cb, Monitor))
     trainer.close()  # the webhook thread finishes its queue
     hook.close()
-    yield run_dir, trainer, summary, hook.bodies, prometheus, monitor
+    yield run_dir, trainer, summary, hook.bodies, prometheus, monitor, served
 
 
 def test_nan_in_one_layers_gradient_is_caught_at_its_step_named_and_rewound(rewound):
-    run_dir, trainer, summary, _, _, monitor = rewound
+    run_dir, trainer, summary, _, _, monitor, _ = rewound
     (row,) = alerts_of(run_dir)
     assert (row["step"], row["kind"], row["where"], row["action"]) == (5, "nan", "layer 1", "rewind")
     assert "gradient became nan" in row["detail"] and row["threshold"] == "finite"
@@ -130,13 +140,13 @@ def test_a_rewind_right_after_an_asynchronous_save_restores_that_save(tmp_path):
 
 
 def test_the_alert_reaches_the_webhook_as_the_documented_json(rewound):
-    run_dir, _, _, bodies, _, _ = rewound
+    run_dir, _, _, bodies, _, _, _ = rewound
     assert bodies == alerts_of(run_dir)
     assert set(bodies[0]) >= {"step", "kind", "detail", "where", "threshold", "action", "process", "time"}
 
 
 def test_prometheus_serves_the_latest_row_and_the_anomaly_count(rewound):
-    _, trainer, _, _, text, _ = rewound
+    _, trainer, _, _, text, _, _ = rewound
     last = [r for r in trainer.history if r["kind"] == "train"][-1]
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert values["picotron_step"] == 8 and values["picotron_anomalies"] == 1
@@ -147,7 +157,7 @@ def test_prometheus_serves_the_latest_row_and_the_anomaly_count(rewound):
 def test_tensorboard_events_hold_the_loss_and_the_config(rewound):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, trainer, _, _, _, _ = rewound
+    run_dir, trainer, _, _, _, _, _ = rewound
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
@@ -157,6 +167,44 @@ def test_tensorboard_events_hold_the_loss_and_the_config(rewound):
     assert [s for s, _ in losses] == [s for s, _ in rows]
     np.testing.assert_allclose([v for _, v in losses], [v for _, v in rows], rtol=1e-6)
     assert any("config" in t for t in tags["tensors"])
+
+
+def test_the_rewind_run_charges_its_redone_step_to_wasted_and_the_classes_sum_to_wall_time(rewound):
+    run_dir, trainer, summary, _, _, _, _ = rewound
+    clock = trainer.callbacks.callbacks[0].c  # observe/step_time.py's StepClock
+    ledger = clock.ledger
+    wall = clock.mark - trainer._t_start  # the ledger ends at the last callback of on_run_end
+    assert sum(ledger.values()) == pytest.approx(wall, rel=1e-9)
+    assert ledger["compile"] > 0 and ledger["checkpoint"] > 0 and ledger["init"] > 0 and ledger["device"] > 0
+    assert ledger["wasted"] > 0  # step 5 ran twice: its first run was thrown away by the rewind
+    rows = [r for r in trainer.history if r["kind"] == "train"]
+    assert all(all(r[f"time_{k}_s"] >= 0 for k in ROW_CLASSES) for r in rows)
+    assert rows[0]["time_compile_s"] > 0 and all(r["time_compile_s"] == 0 for r in rows[1:])
+    split = sum(r[f"time_{k}_s"] for r in rows for k in ROW_CLASSES)  # the rows cover the loop, not init
+    assert split <= sum(ledger.values()) - ledger["init"] + 1e-6
+    saved = json.loads((run_dir / "goodput.json").read_text())
+    assert saved["ledger"] == pytest.approx(ledger)
+    assert saved["goodput"] == pytest.approx(ledger["device"] / sum(ledger.values()))
+    assert all(0 <= r["goodput"] < 1 for r in rows)
+
+
+def test_plot_writes_the_pngs_with_the_anomaly_marked(rewound, tmp_path, capsys):
+    import matplotlib.image
+
+    run_dir = rewound[0]
+    at_end = sorted(p.name for p in (run_dir / "plots").iterdir())  # monitor.plots=true: written by the run
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "plots")]) == 0
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == at_end
+    # layers.png: the NaN step computed its per-layer norms (monitor.layer_every=100 is not reached otherwise)
+    assert names == ["grad_norm.png", "layers.png", "loss.png", "memory.png", "throughput.png", "time.png"]
+    assert sorted(capsys.readouterr().out.split()) == [str(tmp_path / "plots" / n) for n in names]
+    rgb = matplotlib.image.imread(tmp_path / "plots" / "loss.png")[..., :3]
+    assert rgb.shape[:2] == (405, 720)  # 8 x 4.5 inches at 90 dpi
+    red = (rgb[..., 0] > 0.9) & (rgb[..., 1] < 0.75) & (rgb[..., 2] < 0.75)
+    assert red.sum() > 100  # the NaN of step 5 as a red vertical line
+    assert main(["plot", str(tmp_path / "plots")]) == 2  # not a run directory: one clear message
+    assert "plot: no training rows in" in capsys.readouterr().err
 
 
 def test_skip_leaves_the_parameters_of_a_non_finite_step_untouched(tmp_path):
@@ -170,6 +218,7 @@ def test_skip_leaves_the_parameters_of_a_non_finite_step_untouched(tmp_path):
     for a, b in zip(before, params_of(trainer), strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(trainer.step()["loss"])
+    assert trainer.callbacks.callbacks[0].c.ledger["wasted"] > 0  # the skipped step's time (observe/step_time.py)
     (alert,) = alerts_of(tmp_path)
     assert (alert["step"], alert["kind"], alert["where"], alert["action"]) == (3, "nan", "layer 2", "skip")
 
@@ -214,3 +263,88 @@ def test_rewinds_are_bounded_then_the_run_stops_with_exit_code_4(tmp_path, capsy
     assert last.startswith("stopped: loss became nan at step 3") and "monitor.max_rewinds = 1" in last
     assert [(r["step"], r["kind"], r["action"]) for r in alerts_of(tmp_path)] == [(3, "nan", "rewind"),
                                                                                   (3, "nan", "stop")]
+
+
+# a DOM just large enough for the page's script: elements keep their text, attributes and children
+FAKE_DOM = r"""
+const els = {};
+function node(tag) { return {tag, attrs: {}, children: [], textContent: "", innerHTML: "",
+  setAttribute(k, v) { this.attrs[k] = v; }, appendChild(c) { this.children.push(c); return c; }}; }
+globalThis.document = {getElementById: id => els[id] || (els[id] = node("div")), createElementNS: (ns, tag) => node(tag)};
+const base = process.argv[2];
+const realFetch = fetch;
+globalThis.fetch = (url, opts) => realFetch(base + url, opts);
+globalThis.setInterval = () => 0;
+"""
+REPORT = r"""
+setTimeout(() => { console.log(JSON.stringify({status: document.getElementById("status").textContent, summary: document.getElementById("summary").textContent,
+  alerts: document.getElementById("alerts").innerHTML, loss: document.getElementById("loss").children.filter(c => c.tag === "polyline").length,
+  marks: document.getElementById("loss").children.filter(c => c.tag === "line" && c.attrs.stroke === "red").length,
+  layers: document.getElementById("layers").children.filter(c => c.tag === "rect").length, config: document.getElementById("config").textContent.length})); }, 500);
+"""
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = response.read().decode()
+        return json.loads(body) if response.headers["Content-Type"] == "application/json" else body
+
+
+@pytest.fixture()
+def copied(rewound, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(rewound[0], run_dir, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "plots"))
+    server = serve(run_dir, free_port())
+    yield run_dir, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_dashboard_serves_the_rows_the_alerts_and_prometheus_text_and_follows_appended_rows(copied):
+    run_dir, url = copied
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert get(url + "/api/metrics") == json.loads(json.dumps(rows).replace("NaN", "null"))  # NaN: null for JS
+    info = get(url + "/api/run")
+    assert info["alerts"] == alerts_of(run_dir) and info["goodput"]["ledger"]["compile"] > 0
+    assert "monitor:" in info["config"]
+    text = get(url + "/metrics")
+    assert "picotron_step 8.0" in text and "picotron_anomalies 1.0" in text and "# TYPE picotron_loss gauge" in text
+    assert "<title>picotron-jax dashboard</title>" in get(url + "/")
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        get(url + "/nothing")
+    with open(run_dir / "metrics.jsonl", "a") as f:  # the run goes on: the next poll shows the new row
+        f.write(json.dumps({**rows[-1], "step": 9, "loss": 4.5}) + "\n")
+    assert get(url + "/api/metrics")[-1]["step"] == 9 and "picotron_step 9.0" in get(url + "/metrics")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+def test_the_pages_script_draws_the_latest_step_the_charts_and_the_anomaly(copied, tmp_path):
+    run_dir, url = copied
+    script = tmp_path / "page.mjs"
+    script.write_text(FAKE_DOM + PAGE.split("<script>")[1].split("</script>")[0] + REPORT)
+    out = json.loads(subprocess.run(["node", str(script), url], capture_output=True, text=True, timeout=60,
+                                    check=True).stdout)
+    assert out["status"] == "step 8" and "1 anomalies" in out["summary"] and out["summary"].startswith("loss ")
+    assert out["loss"] == 1 and out["marks"] == 1  # the train loss line (no eval rows) and the NaN of step 5
+    assert "nan" in out["alerts"] and "rewind" in out["alerts"] and out["config"] > 0
+    assert out["layers"] == 3  # the NaN step's per-layer norms: one column of 3 layers
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        f.write(json.dumps({**json.loads(rows[-1]), "step": 9}) + "\n")
+    again = json.loads(subprocess.run(["node", str(script), url], capture_output=True, text=True, timeout=60,
+                                      check=True).stdout)
+    assert again["status"] == "step 9"
+
+
+def test_the_trainer_serves_its_own_dashboard_and_a_busy_port_is_refused(rewound, capsys):
+    run_dir, trainer, *_, served = rewound
+    assert [r["step"] for r in served] == [r["step"] for r in trainer.history]  # fetched before the trainer closed
+    server = serve(run_dir, free_port())
+    try:
+        with pytest.raises(UserError, match=f"dashboard: --port {server.server_port}: that port is in use"):
+            serve(run_dir, server.server_port)
+        assert main(["dashboard", str(run_dir / "missing"), "--port", "0"]) == 2
+        assert "is not a directory" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -332,8 +332,15 @@ def train_two_processes(preset: str, run_dir: Path, *extra: str) -> str:
 @pytest.mark.parametrize("preset", ["dp8", "tp2-dp4"])
 def test_two_processes_train_like_one(preset, tmp_path, corpus):
     train_one_process(preset, tmp_path / "one", *corpus)
-    text = train_two_processes(preset, tmp_path / "two", *corpus)
+    # dp8: process 1 sleeps 0.5 s before steps 2 and 3 (a straggler: the monitor names it, the losses are unchanged)
+    straggle = ["faults.process=1", "faults.sleep_step=2", "faults.sleep_steps=2", "faults.sleep_s=0.5"] * (
+        preset == "dp8")
+    text = train_two_processes(preset, tmp_path / "two", *corpus, *straggle)
     assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "two"), [1, 2, 3, 4])
+    if straggle:
+        alerts = [json.loads(line) for line in (tmp_path / "two" / "alerts.jsonl").read_text().splitlines()]
+        (row,) = [r for r in alerts if r["kind"] == "straggler"]
+        assert row["where"] == "process 1" and row["step"] in (2, 3) and row["action"] == "alert"
     assert text.count("step 4/4 | loss") == 1  # only process 0 prints ...
     assert "step 4/4" not in (tmp_path / "two" / "process-1.log").read_text()  # ... and writes metrics
 

@@ -17,8 +17,11 @@ Detectors (each anomaly becomes a row of RUN_DIR/alerts.jsonl through observe/al
 * `memory`: device memory in use above `memory_fraction` of its limit (GPU/TPU), host RAM above
   `host_memory_fraction`; `disk`: before a checkpoint step, less than `disk_min_free_gb` free in the run
   directory. Each is reported when it starts, again only after it has cleared.
+* `straggler` (multi-process runs): one process's data wait plus callback time of a logged interval above
+  `straggler_factor` x the other processes' median (observe/stragglers.py); `where` names the process. Reported
+  when it starts, again only after it has cleared; the first step of each `run()` is not judged.
 
-Actions (`monitor.on_nan`, `on_spike`, `on_throughput`, `on_memory`): `log` (one line), `alert` (banner and
+Actions (`monitor.on_nan`, `on_spike`, `on_throughput`, `on_memory`, `on_straggler`): `log` (one line), `alert` (banner and
 webhook), `skip` (NaN only: the step itself did not apply the update, decided inside the jitted step,
 train/step.py), `rewind` (restore the newest checkpoint and skip the batches from it up to the bad step;
 at most `monitor.max_rewinds` per run, then stop; without a checkpoint: stop), `stop` (save a checkpoint
@@ -40,6 +43,7 @@ from picotron_jax.callback import Callback
 from picotron_jax.errors import RunAborted
 from picotron_jax.observe.alerts import Alerts
 from picotron_jax.observe.memory import device_memory_stats
+from picotron_jax.observe.stragglers import find_straggler
 from picotron_jax.train.monitor_stats import modules
 
 MAD_TO_SIGMA = 1.4826  # MAD x this = the standard deviation of a normal distribution
@@ -99,6 +103,7 @@ class Monitor(Callback):
         self._judge_from = 0
         self._offset = 0  # batches skipped by rewinds so far
         self._skip_to: int | None = None  # a rewind is pending: the batch index to continue from
+        self._straggler_step = 0  # the newest step the straggler detector has judged
         self.rewinds = 0
 
     # -- events ------------------------------------------------------------------------------
@@ -107,6 +112,7 @@ class Monitor(Callback):
         self._open_alerts(trainer)
         self._judge_from = trainer.step_count + self.m.warmup
         self.rewinds = 0
+        self._straggler_step = trainer.step_count + 1  # the first step's interval holds each process's first read
 
     def _open_alerts(self, trainer) -> Alerts:
         if self.alerts is None:
@@ -127,6 +133,21 @@ class Monitor(Callback):
         self._check_step(trainer, row["step"], row["loss"], row["grad_norm"], trainer.last_outputs)
         self._check_throughput(trainer, row)
         self._check_memory(trainer, row)
+        self._check_stragglers(trainer, row["step"])
+
+    def _check_stragglers(self, trainer, step: int) -> None:
+        if jax.process_count() == 1 or jax.process_index() != 0 or self.run_dir is None or self.m.straggler_factor <= 0:
+            return
+        found = find_straggler(self.run_dir, jax.process_count(), self.m.straggler_factor, self.m.straggler_min_s,
+                               self._straggler_step, upto=step)
+        if found is None:
+            return
+        step, process, own, median = found
+        self._straggler_step = step
+        self._condition(trainer, step, "straggler", process is not None, f"process {process}",
+                        f"{own:.3f}s waiting for data and in callbacks in the interval ending at step {step}",
+                        f"{self.m.straggler_factor:g} x the other processes' median {median:.3f}s and "
+                        f"{self.m.straggler_min_s:g}s", self.m.on_straggler)
 
     def on_step_end(self, trainer, step, outputs):
         if step != self._checked and step % self.m.check_every == 0:
@@ -209,10 +230,10 @@ class Monitor(Callback):
             self._condition(trainer, step, "host_memory", used > self.m.host_memory_fraction, "host",
                             f"host RAM {100 * used:.1f}% in use", f"{100 * self.m.host_memory_fraction:g}%")
 
-    def _condition(self, trainer, step, kind, on: bool, where, detail, threshold) -> None:
+    def _condition(self, trainer, step, kind, on: bool, where, detail, threshold, action=None) -> None:
         if on and kind not in self._active:
             self._active.add(kind)
-            action = self.m.on_memory
+            action = action or self.m.on_memory
             self._act(trainer, step, "memory" if kind == "host_memory" else kind, detail, where, threshold, action)
         elif not on:
             self._active.discard(kind)
