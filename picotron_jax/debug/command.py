@@ -1,5 +1,6 @@
 """`picotron-jax debug hang RUN_DIR`: print the hang report from the dumps in RUN_DIR/debug/;
-`picotron-jax debug nan RUN_DIR --step K`: replay step K and name the operation that first produced a NaN/inf."""
+`picotron-jax debug nan RUN_DIR --step K`: replay step K and name the operation that first produced a NaN/inf;
+`picotron-jax debug replay RUN_DIR --step K`: replay step K and compare it bitwise with what the run recorded."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("debug", help="the distributed debugger: hang reports")
+    p = sub.add_parser("debug", help="the distributed debugger: hang reports, NaN origin, step replay")
     what = p.add_subparsers(dest="debug_command", required=True)
     h = what.add_parser("hang", help="print the hang report from RUN_DIR/debug/hang-p*.json (exit 1: no dumps)")
     h.add_argument("run_dir", help="the run directory of the hung run")
@@ -16,11 +17,21 @@ def add_parser(sub) -> None:
                                     "(exit 1: the replayed step is finite)")
     n.add_argument("run_dir", help="the run directory (config.yaml and checkpoints)")
     n.add_argument("--step", type=int, required=True, help="the step whose loss or gradients became non-finite")
+    r = what.add_parser("replay", help="re-run step K from the checkpoint before it and compare it bitwise with its "
+                                       "metrics row and checkpoint (exit 1: it differs)")
+    r.add_argument("run_dir", help="the run directory (config.yaml, metrics.jsonl and checkpoints)")
+    r.add_argument("--step", type=int, required=True, help="the step to replay")
 
 
 def cmd_debug(args) -> int:
     if args.debug_command == "nan":
         return cmd_nan(args)
+    if args.debug_command == "replay":
+        from picotron_jax.debug.replay import replay_step
+
+        result = replay_step(args.run_dir, args.step)
+        print(result.describe())
+        return 0 if result.compared and result.identical else 1
     from picotron_jax.debug.hang import load_dumps, report
 
     dumps = load_dumps(Path(args.run_dir))

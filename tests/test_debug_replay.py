@@ -1,0 +1,61 @@
+"""The debugger's replays: a NaN that first appears in the backward pass (the forward is finite) traced to
+its layer by the run itself (`debug.nan_origin`), and `debug replay` reproducing a recorded step bitwise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import picotron_jax as pj
+from picotron_jax.cli import main
+from picotron_jax.debug.replay import compare_rows, compare_states
+from test_api import tiny
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory):
+    """4 steps saved every step; at step 4 the fault injector puts a NaN into the gradient that reaches decoder
+    layer 0's output (the forward stays finite), and the run traces it itself before stopping."""
+    run_dir = tmp_path_factory.mktemp("nan-run")
+    cfg = tiny("single", "train.steps=5", "logging.every=1", "checkpoint.every=1", "checkpoint.async_save=false",
+               "faults.nan_step=4", "faults.nan_layer=0", "faults.nan_site=gradient", "monitor.on_nan=stop",
+               "debug.nan_origin=true")
+    with pj.Trainer(cfg, run_dir) as trainer, pytest.raises(pj.RunAborted):
+        trainer.run()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_gradient_nan_is_traced_by_the_run_to_the_backward_of_its_layer(nan_run):
+    report = json.loads((nan_run / "debug" / "nan-4.json").read_text())
+    assert report["step"] == 4 and report["checkpoint"] == 3
+    origin = report["origin"]
+    # the backward runs through layer 1 first: it stays finite; the NaN starts in layer 0's backward
+    assert origin["direction"] == "backward" and origin["layer"] == 0, origin
+    assert origin["source"].startswith("faults.py:") and origin["inputs"][-1]["finite"] == 0.0
+    assert report["report"].startswith("first non-finite value: select_n in backward pass, decoder layer 0,")
+
+
+@pytest.mark.slow
+def test_replay_reproduces_a_recorded_step_bitwise(nan_run, capsys):
+    """Step 3 replayed from checkpoint 2 equals its metrics row and checkpoint 3 bit for bit."""
+    capsys.readouterr()
+    assert main(["debug", "replay", str(nan_run), "--step", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "replaying step 3 from checkpoint 2 on batch 2" in out
+    assert "step 3 replayed from checkpoint 2: bitwise identical to the recorded metrics row and checkpoint 3" in out
+    assert main(["debug", "replay", str(nan_run), "--step", "1"]) == 2
+    assert "has no checkpoint before step 1" in capsys.readouterr().err
+
+
+def test_replay_names_the_first_value_that_differs():
+    recorded = {"loss": 5.25, "grad_norm": 1.5, "lr": 1e-4, "z_loss": 0.0, "tokens": 128}
+    assert compare_rows(dict(recorded), recorded) == []
+    moved = {**recorded, "grad_norm": float(np.nextafter(np.float32(1.5), np.float32(2)))}
+    assert compare_rows(moved, recorded) == ["grad_norm: replayed 1.5000001192092896, recorded 1.5"]
+    a = {"params": {"w": np.zeros((2, 3), np.float32), "b": np.ones(3, np.float32)}}
+    b = {"params": {"w": np.zeros((2, 3), np.float32), "b": np.array([1, 1, 1.5], np.float32)}}
+    assert compare_states(a, a) == []
+    assert compare_states(a, b) == ["params.b: 1 of 3 elements differ, max |difference| 0.5"]
