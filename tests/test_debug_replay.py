@@ -1,5 +1,6 @@
 """The debugger's replays: a NaN that first appears in the backward pass (the forward is finite) traced to
-its layer by the run itself (`debug.nan_origin`), and `debug replay` reproducing a recorded step bitwise."""
+its layer by the run itself (`debug.nan_origin`), `debug replay` reproducing a recorded step bitwise, and
+the layout bisect naming the first layer where a broken tensor-parallel MLP departs from one device."""
 
 from __future__ import annotations
 
@@ -59,3 +60,44 @@ def test_replay_names_the_first_value_that_differs():
     b = {"params": {"w": np.zeros((2, 3), np.float32), "b": np.array([1, 1, 1.5], np.float32)}}
     assert compare_states(a, a) == []
     assert compare_states(a, b) == ["params.b: 1 of 3 elements differ, max |difference| 0.5"]
+
+
+def _mlp_without_its_reduction(original):
+    """A test-only broken tensor-parallel MLP: the row-parallel w_down's all-reduce over `tensor` is dropped
+    (each device keeps its own partial sum), as a shard_map with a missing psum would."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from picotron_jax.models import llama
+
+    def broken(p, x_BTD, cfg, ops, norm_dtypes=None):
+        rules = getattr(ops, "rules", None)
+        if rules is None or rules.mesh.shape["tensor"] == 1:
+            return original(p, x_BTD, cfg, ops, norm_dtypes)
+        h_BTD = llama.rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps, None)
+        act_BTF = jax.nn.silu(llama.project("btd,df->btf", h_BTD, p["w_gate"])) * llama.project(
+            "btd,df->btf", h_BTD, p["w_up"])
+        partial = jax.shard_map(lambda a_BTF, w_FD: jnp.einsum("btf,fd->btd", a_BTF, w_FD), mesh=rules.mesh,
+                                in_specs=(P(None, None, "tensor"), P("tensor", None)), out_specs=P(), check_vma=False)
+        return x_BTD + partial(act_BTF, p["w_down"])
+
+    return broken
+
+
+@pytest.mark.slow
+def test_bisect_finds_no_divergence_on_a_correct_layout_and_the_first_layer_on_a_broken_one(monkeypatch, capsys):
+    from picotron_jax.debug.bisect import bisect
+    from picotron_jax.models import llama
+    from test_api import TINY
+
+    assert main(["debug", "bisect", "--config", "single", "--against", "tp2-dp4", *TINY]) == 0
+    assert "no divergence: every layer output, the loss and every gradient agree" in capsys.readouterr().out
+    monkeypatch.setattr(llama, "dense_mlp_residual", _mlp_without_its_reduction(llama.dense_mlp_residual))
+    found = bisect(tiny("single"), tiny("tp2-dp4"), say=lambda _: None)
+    assert found is not None and found.what == "forward: decoder layer 0 output", found
+    assert found.describe().startswith("first divergence: forward: decoder layer 0 output: max |difference| ")
+    with pytest.raises(pj.UserError, match="config field 'model.num_layers' differs between the two configs"):
+        bisect(tiny("single"), tiny("tp2-dp4", "model.num_layers=1"))
+    with pytest.raises(pj.UserError, match="config field 'mesh.pipe' = 2"):
+        bisect(tiny("single"), tiny("pp2-afab", "train.grad_accum=1"))
