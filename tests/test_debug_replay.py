@@ -98,6 +98,9 @@ def test_bisect_finds_no_divergence_on_a_correct_layout_and_the_first_layer_on_a
     found = bisect(tiny("single"), tiny("tp2-dp4"), say=lambda _: None)
     assert found is not None and found.what == "forward: decoder layer 0 output", found
     assert found.describe().startswith("first divergence: forward: decoder layer 0 output: max |difference| ")
+    assert found.axes == [("data", 4, False), ("tensor", 2, True)]  # the tensor split alone reproduces it
+    assert "layout A with one mesh axis of layout B: mesh.data = 4: agrees; mesh.tensor = 2: diverges" in \
+        found.describe()
     with pytest.raises(pj.UserError, match="config field 'model.num_layers' differs between the two configs"):
         bisect(tiny("single"), tiny("tp2-dp4", "model.num_layers=1"))
     with pytest.raises(pj.UserError, match="config field 'mesh.pipe' = 2"):

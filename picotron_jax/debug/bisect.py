@@ -10,6 +10,10 @@ whose custom backward hands back the incoming gradient as p's cotangent and the 
 x as q's. So d(loss)/dp[l] is the gradient reaching layer l's output (backward) and d(loss)/dq[l] is
 layer l's output (forward), with the layout's own shardings and no host callbacks.
 
+When the layouts differ in more than one mesh axis and they diverge, layout A is run again with each
+one of B's axis sizes alone (e.g. data=4, then tensor=2), naming the axes whose split alone reproduces
+the divergence.
+
 Order of comparison: forward, the outputs of layers 0 .. L-1, then the loss; backward, the gradients at
 the outputs of layers L-1 .. 0, then the parameter gradients (stacked layer weights from the last layer
 to the first, then the rest). A difference is max |a - b| / max(max |a|, tiny) (relative to layout A).
@@ -18,7 +22,8 @@ Pipeline layouts (mesh.pipe > 1) run another program and are not compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +62,17 @@ class Divergence:
     differing: int  # elements over the tolerance
     size: int
     tolerance: float
+    axes: list[tuple[str, int, bool | None]] = field(default_factory=list)  # (mesh axis, B's size, diverges alone?)
 
     def describe(self) -> str:
-        return (f"first divergence: {self.what}: max |difference| {self.max_abs:.4g} (relative {self.relative:.3g} > "
+        text = (f"first divergence: {self.what}: max |difference| {self.max_abs:.4g} (relative {self.relative:.3g} > "
                 f"tolerance {self.tolerance:g}) at index {list(self.index)}; {self.differing} of {self.size} elements "
                 f"differ")
+        if len(self.axes) > 1:
+            verdict = {True: "diverges", False: "agrees", None: "not a valid layout"}
+            text += "\n  layout A with one mesh axis of layout B: " + "; ".join(
+                f"mesh.{axis} = {size}: {verdict[bad]}" for axis, size, bad in self.axes)
+        return text
 
 
 def _check_same_model(a, b) -> None:
@@ -134,7 +145,44 @@ def ordered_values(v: dict, num_layers: int):
         yield f"backward: gradient of params.{name}", flat[name]
 
 
-def bisect(cfg_a, cfg_b, tolerance: float = 1e-4, say=print) -> Divergence | None:
+def first_divergence(values_a: dict, values_b: dict, num_layers: int, tolerance: float) -> Divergence | None:
+    for (what, a), (_, b) in zip(ordered_values(values_a, num_layers), ordered_values(values_b, num_layers)):
+        if (found := _compare(what, a, b, tolerance)) is not None:
+            return found
+    return None
+
+
+def mesh_sizes(cfg) -> dict[str, int]:
+    from picotron_jax.config import MESH_AXES, resolve_mesh_shape
+    from picotron_jax.mesh import run_devices
+
+    sizes = resolve_mesh_shape(cfg.mesh, len(run_devices(cfg.mesh)))
+    return {axis: int(sizes[axis]) for axis in MESH_AXES}
+
+
+def blame_axes(cfg_a, cfg_b, values_a: dict, params, batch, tolerance: float, say=print) -> list:
+    """Where layouts A and B differ in more than one mesh axis: A with each one of B's axis sizes, compared
+    with A ((axis, size, diverges), diverges None where that layout is not valid)."""
+    sizes_a, sizes_b = mesh_sizes(cfg_a), mesh_sizes(cfg_b)
+    differing = [axis for axis in sizes_a if sizes_a[axis] != sizes_b[axis]]
+    if len(differing) < 2:
+        return [(axis, sizes_b[axis], True) for axis in differing]
+    out = []
+    for axis in differing:
+        sizes = {**sizes_a, axis: sizes_b[axis]}
+        try:
+            cfg = cfg_a.replace(mesh={**sizes, "num_devices": math.prod(sizes.values())})
+            say(f"layout A with mesh.{axis} = {sizes_b[axis]}")
+            values = layer_values(cfg, params, batch)
+        except UserError:
+            out.append((axis, sizes_b[axis], None))
+            continue
+        found = first_divergence(values_a, values, cfg_a.model.num_layers, tolerance)
+        out.append((axis, sizes_b[axis], found is not None))
+    return out
+
+
+def bisect(cfg_a, cfg_b, tolerance: float = 1e-4, say=print, blame: bool = True) -> Divergence | None:
     """The first value whose difference between layouts A and B exceeds `tolerance`; None if none does."""
     from picotron_jax.run import build_run
     from picotron_jax.train.state import init_params
@@ -148,8 +196,7 @@ def bisect(cfg_a, cfg_b, tolerance: float = 1e-4, say=print) -> Divergence | Non
         m = cfg.mesh
         say(f"layout {name}: pipe={m.pipe} data={m.data} context={m.context} expert={m.expert} tensor={m.tensor}")
         values.append(layer_values(cfg, params, batch))
-    L = cfg_a.model.num_layers
-    for (what, a), (_, b) in zip(ordered_values(values[0], L), ordered_values(values[1], L)):
-        if (found := _compare(what, a, b, tolerance)) is not None:
-            return found
-    return None
+    found = first_divergence(values[0], values[1], cfg_a.model.num_layers, tolerance)
+    if found is not None and blame:
+        found.axes = blame_axes(cfg_a, cfg_b, values[0], params, batch, tolerance, say)
+    return found
