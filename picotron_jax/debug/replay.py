@@ -10,7 +10,9 @@ tokens: float32 values, stored exactly as JSON numbers) and, when the run saved 
 every parameter and optimizer-state array of it. The first difference is named; a replay that differs
 points at non-determinism (a transient hardware fault, a race, a changed library) rather than the math.
 
-The replay runs without a run directory and without the run's checkpoint folder: it writes nothing.
+The replay runs without a run directory and without the run's checkpoint folder: it writes nothing; it
+has no breakpoints, replica checks or `logging.callbacks`, and none of the fault injector's hangs, sleeps
+or slow reads (they change no value).
 A `faults.transient` fault of step K fired in the recorded run and is not fired again.
 """
 
@@ -56,8 +58,10 @@ def trainer_before(cfg, location: str, step: int, command: str):
     if step < 1 or not before:
         raise UserError(f"--step {step}: {location} has no checkpoint before step {step} (checkpoint.every sets how "
                         f"often a run saves); {command} replays from one")
+    # writes nothing, stops nowhere; the faults that change no value (hangs, sleeps, slow reads) are left out
     quiet = cfg.replace(checkpoint={"dir": ""}, logging={"callbacks": []},
-                        debug={"break_when": "", "check_every": 0, "nan_origin": False})
+                        debug={"break_when": "", "check_every": 0, "nan_origin": False},
+                        faults={"hang_step": 0, "sleep_step": 0, "slow_read_s": 0.0})
     trainer = Trainer(quiet, resume_from=f"{location}/{before[-1]}")
     try:
         while trainer.step_count < step - 1:
