@@ -105,3 +105,15 @@ def test_bisect_finds_no_divergence_on_a_correct_layout_and_the_first_layer_on_a
         bisect(tiny("single"), tiny("tp2-dp4", "model.num_layers=1"))
     with pytest.raises(pj.UserError, match="config field 'mesh.pipe' = 2"):
         bisect(tiny("single"), tiny("pp2-afab", "train.grad_accum=1"))
+
+
+def test_a_replay_report_says_what_was_compared_and_lists_each_difference():
+    from picotron_jax.debug.replay import Replay
+
+    same = Replay(3, 2, ["metrics row", "checkpoint 3"])
+    assert same.identical and same.describe() == ("step 3 replayed from checkpoint 2: bitwise identical to the "
+                                                  "recorded metrics row and checkpoint 3")
+    moved = Replay(3, 2, ["metrics row"], ["loss: replayed 5.0, recorded 5.5"])
+    assert not moved.identical and moved.describe() == ("step 3 replayed from checkpoint 2: differs from the recorded "
+                                                        "metrics row\n  loss: replayed 5.0, recorded 5.5")
+    assert "nothing recorded to compare with" in Replay(3, 2).describe()
