@@ -103,7 +103,9 @@ def layer_values(cfg, params_host, batch_host) -> dict:
     B, T, D, L = cfg.train.global_batch, cfg.train.seq_len, cfg.model.hidden_size, cfg.model.num_layers
 
     def objective(params, batch, p_LBTD, q_LBTD):
-        tap = lambda x, layer: probe(x, p_LBTD[layer], q_LBTD[layer])  # noqa: E731
+        def tap(x_BTD, layer):
+            return probe(x_BTD, p_LBTD[layer], q_LBTD[layer])
+
         return loss_sums(params, batch, None, tap)[0]
 
     zeros = NamedSharding(rules.mesh, P(None, *rules.activation_spec(("batch", "seq", "embed"))))
