@@ -116,7 +116,8 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         from picotron_jax.profile.window import ProfiledWindow
 
         out.append(ProfiledWindow(cfg, run_dir))
-    if run_dir is not None or cfg.debug.break_when or cfg.debug.check_every or jax.process_count() > 1:
+    d = cfg.debug
+    if run_dir is not None or d.break_when or d.check_every or d.nan_origin or jax.process_count() > 1:
         from picotron_jax.debug.callbacks import debug_callbacks  # picotron_jax/debug: the debugger
 
         first, last = debug_callbacks(cfg, run_dir)

@@ -289,6 +289,7 @@ class DebugConfig:
     check_start: bool = True  # several processes: refuse to start unless config, code and program agree
     recorder_size: int = 256  # entries in each process's flight recorder (dumped to RUN_DIR/debug/ on a hang)
     save_on_crash: bool = False  # on an unexpected exception, also checkpoint the last good state
+    nan_origin: bool = False  # trace the first non-finite step to its op (replayed from the checkpoint before it)
 CURRICULUM_KINDS = ("none", "seqlen")
 CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
 

@@ -19,6 +19,10 @@ def debug_callbacks(cfg, run_dir: Path | None) -> tuple[list, list]:
         if d.check_start:
             check_same_run(cfg)  # before the first collective: the state's initialisation
         first.append(FlightRecorder(cfg, run_dir))
+    if d.nan_origin:  # first: it traces a non-finite step before a callback stops or rewinds the run
+        from picotron_jax.debug.nan_auto import NanOrigin
+
+        first.append(NanOrigin(cfg, run_dir))
     if run_dir is not None:
         from picotron_jax.debug.postmortem import CrashReport
 

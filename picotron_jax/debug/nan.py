@@ -180,31 +180,21 @@ def trace_step(cfg, params, batch, fault_flags=None) -> Origin | None:
 
 def replay_and_trace(run_dir: str | Path, step: int, say=print) -> Origin | None:
     """Restore the newest checkpoint of RUN_DIR before `step`, step up to step - 1, trace step `step`."""
-    from picotron_jax.checkpoint.restore import default_location
-    from picotron_jax.checkpoint.storage import open_store
-    from picotron_jax.config import load_config
-    from picotron_jax.errors import UserError
-    from picotron_jax.train.faults import InStepFaults
-    from picotron_jax.trainer import Trainer
+    from picotron_jax.debug.replay import load_run
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    location = default_location(cfg, run_dir)
-    before = [s for s in open_store(location, 0, 0).steps() if s < step] if Path(location).exists() else []
-    if step < 1 or not before:
-        raise UserError(f"--step {step}: {run_dir} has no checkpoint before step {step} (checkpoint.every sets how "
-                        f"often a run saves); debug nan replays from one")
-    trainer = Trainer(cfg, resume_from=f"{location}/{before[-1]}")
+    cfg, location = load_run(run_dir)
+    return replay_and_trace_at(cfg, location, step, say)
+
+
+def replay_and_trace_at(cfg, location: str, step: int, say=print) -> Origin | None:
+    """`replay_and_trace` for a config and its checkpoint folder (the automatic mode calls it mid-run)."""
+    from picotron_jax.debug.replay import trainer_before
+
+    trainer, start = trainer_before(cfg, location, step, "debug nan")
     try:
-        faults = InStepFaults(cfg.faults) if cfg.faults.in_step else None
-        while trainer.step_count < step - 1:
-            trainer.step()
-        if faults is not None and cfg.faults.transient:
-            faults.flags(step)  # a transient fault fired in the original run; it does not come back on a replay
+        faults = trainer.built.faults
         flags = None if faults is None else faults.flags(step)
-        say(f"replaying step {step} from checkpoint {before[-1]} on batch {step - 1}, every operation checked")
+        say(f"replaying step {step} from checkpoint {start} on batch {step - 1}, every operation checked")
         return trace_step(cfg, trainer.params, trainer.batch(step - 1), flags)
     finally:
         trainer.close()

@@ -47,9 +47,9 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.Prec
     z_coef = cfg.train.z_loss
     ops = MeshOps(rules)
 
-    def loss_sums(params, batch, fault_flags=None):
+    def loss_sums(params, batch, fault_flags=None, layer_tap=None):
         model = nnx.merge(graphdef, nnx.State(params))
-        tap = None
+        tap = layer_tap  # the model's hook on every decoder layer's output (the layout bisect's probes)
         if fault_flags is not None:  # the fault injector's in-step faults (train/faults.py)
             batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
             tap = faults.layer_tap(cfg.faults, fault_flags)
