@@ -40,8 +40,11 @@ class MetricsWriter:
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a file object's error names no file: name it (a full disk's one line, cli.py)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if self._file is not None:
