@@ -22,6 +22,7 @@ as many tokens through the experts).
 
 from __future__ import annotations
 
+import jax
 
 from picotron_jax.config import Config, resolve_mesh_shape
 from picotron_jax.config_checks import validate
@@ -187,7 +188,8 @@ def _remat(report, cfg, sizes, step, share, spare, n, devices):
         if peak_new > 0.8 * limit:
             return None
     estimate, measured = recompute / step, None
-    if report["config"]["platform"] == "cpu":
+    # one process only: processes whose traces differ could disagree on timing, and the timing builds programs
+    if report["config"]["platform"] == "cpu" and jax.process_count() == 1:
         measured = _measured_remat_gain(cfg, over, estimate)
         if measured <= 0:  # XLA:CPU's cost of keeping the activations outweighs the recomputation saved
             report.setdefault("withheld", []).append({
