@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,20 @@ def test_auto_is_deterministic_smallest_on_its_sample_and_within_2_percent_of_th
     assert set(codec_select.choose(stored, 3, 1e-12)[0].by_kind.values()) == {"none"}
 
 
+def readme_snippet(step_dir: str) -> str:
+    """README's 'Without picotron_jax' snippet, verbatim but for its step_dir's path, its last line kept as `wq`."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text[text.index("**Without picotron_jax.**"):]
+    lines = after[after.index("```python\n") + len("```python\n"):].split("```", 1)[0].splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("step_dir = "))
+    lines[at] = re.sub(r'"[^"]*"', repr(step_dir).replace("'", '"'), lines[at], count=1)
+    lines[-1] = "wq = " + lines[-1].split("#")[0].strip()
+    return "\n".join(lines)
+
+
 def test_plain_orbax_reads_every_lossless_codec_without_picotron_jax(saved, tmp_path):
+    """Plain Orbax in a process without picotron_jax reads every codec bitwise, and README's snippet runs
+    as printed on a relative path."""
     tmp, _cfg, _st, state = saved
     reference = {n.replace("/", "|"): np.asarray(x) for n, x in zip(leaf_names(state_tree(state)),
                                                                     jax.tree.leaves(state_tree(state)))}
@@ -142,6 +156,8 @@ for codec in {list(LOSSLESS)!r}:
     assert sorted(flat) == sorted(reference.files), codec
     for name in reference.files:
         assert np.array_equal(flat[name], reference[name]), (codec, name)
+{readme_snippet(os.path.relpath(tmp / "auto" / "5", tmp_path))}
+assert meta["step"] == 5 and np.array_equal(wq, reference["params|layers|wq"]), meta
 assert not [m for m in sys.modules if m.startswith("picotron_jax")]
 print("read", len(reference.files), "arrays x", {len(LOSSLESS)}, "codecs")
 """

@@ -19,9 +19,12 @@ from picotron_jax.profile.command import run_profile
 from picotron_jax.profile.compare import compare, format_compare
 from picotron_jax.profile.memory_rule import memory_pressure
 from picotron_jax.profile.program import build_program
+from picotron_jax.profile.rules import _larger_microbatch
 from picotron_jax.profile.trace import xprof_opens
+from picotron_jax.profile.verify import verify
 from picotron_jax.run import build_run
 from picotron_jax.trainer import Trainer
+from test_api import TINY
 
 
 def _profile(tmp_path, name, *overrides, steps=3, start=3):
@@ -149,11 +152,40 @@ def test_pipeline_bubble_is_named_first(tmp_path):
 
 
 @pytest.mark.slow
-def test_remat_with_ample_memory_is_named_first(tmp_path):
-    report, _ = _profile(tmp_path, "single", "memory.remat=full", "train.seq_len=64")
+def test_remat_with_ample_memory_is_named_first_or_withheld_by_its_measurement(tmp_path):
+    """remat=full with ample memory: on XLA:CPU the rule times remat=none against it (without remat the step
+    was measured slower here) and either names it first with the measured gain as its estimate here, which
+    --verify then confirms, or withholds it and the report says why; never a gain the backend does not give."""
+    report, out = _profile(tmp_path, "single", "memory.remat=full", "train.seq_len=64")
+    withheld = [w for w in report.get("withheld", []) if w["kind"] == "remat_recompute"]
+    if withheld:
+        assert withheld[0]["measured_gain"] <= 0 < withheld[0]["estimated_gain"]
+        assert not [f for f in report["findings"] if f["kind"] == "remat_recompute"]
+        assert "not proposed: `memory.remat=none`" in (out / "profile.md").read_text()
+        return
     first = report["findings"][0]
     assert first["kind"] == "remat_recompute" and first["suggestion"] == ["memory.remat=none"]
     assert first["numbers"]["peak_bytes_new"] < 0.8 * first["numbers"]["limit_bytes"]
+    check = verify(preset("single", "memory.remat=full", "train.seq_len=64"), first, log=lambda _m: None)
+    assert check["within_tolerance"], check
+
+
+def test_larger_microbatch_is_proposed_with_headroom_and_its_compile_only_peak():
+    """grad_accum=4 with small microbatches, runtime between ops 30% of the step: the rule proposes
+    grad_accum=2 with the suggestion's compile-only peak; a budget whose 80% that peak just misses silences it."""
+    cfg = preset("single", *TINY, "train.grad_accum=4", "train.global_batch=8")
+    devices = jax.devices()[:1]
+    report = {"breakdown": {"runtime": 0.03, "compute": 0.07}, "memory": {"peak_bytes": 1, "limit_bytes": 1 << 40},
+              "config": {"platform": "cpu"}}
+    sizes = {"data": 1, "expert": 1}
+    found = _larger_microbatch(report, cfg, sizes, 0.1, {}, 0.0, 1, devices)
+    assert found["kind"] == "larger_microbatch" and found["suggestion"] == ["train.grad_accum=2"]
+    assert found["estimated_gain"] == pytest.approx(0.15)
+    peak = found["numbers"]["peak_bytes_new"]  # the suggestion's compile-only peak (memory/estimate.py)
+    assert 0 < peak < 0.8 * (1 << 40)
+    tight = cfg.with_overrides([f"profile.memory_budget={int(peak / 0.8) - 1}"])  # that peak just misses 80%
+    assert _larger_microbatch(report, tight, sizes, 0.1, {}, 0.0, 1, devices) is None
+    assert _larger_microbatch(report, preset("single", *TINY), sizes, 0.1, {}, 0.0, 1, devices) is None  # ga=1
 
 
 @pytest.mark.slow
@@ -179,11 +211,18 @@ def test_collapsed_moe_router_is_named_first(tmp_path):
 
 @pytest.mark.slow
 def test_two_profiles_of_one_config_agree(tmp_path):
-    a, _ = _profile(tmp_path / "a", "tp2-dp4")
-    b, _ = _profile(tmp_path / "b", "tp2-dp4")
+    a, _ = _profile(tmp_path / "a", "tp2-dp4", steps=5)
+    b, _ = _profile(tmp_path / "b", "tp2-dp4", steps=5)
+    for c in a["breakdown_share_median"]:  # per step, then the median over the 5 steps (analysis.py)
+        print(f"{c}: mean {a['breakdown_share'][c]:.3f} / {b['breakdown_share'][c]:.3f}, median "
+              f"{a['breakdown_share_median'][c]:.3f} / {b['breakdown_share_median'][c]:.3f}, range over steps "
+              f"{a['breakdown_share_range'][c]:.3f} / {b['breakdown_share_range'][c]:.3f}")
     # compute / communication (collectives and waiting) / device not executing. The issue asks for 5 points per
     # category; on this shared 2-core VM under load two runs differed by 5.2 points in compute and 12.5 in
     # collective_wait (threads of 8 virtual devices scheduled differently), so this checks groups within 10.
+    # Per-step medians over 5 steps (load average 21) did not close the gap: medians differed by up to 7.7
+    # (collective_wait) and 9.8 (idle) points, means by up to 7.9 (host); one step's split ranges over up to
+    # 30 points within a run (breakdown_share_range), so the spread is the host's scheduling, not the window.
     groups = {"compute": ("compute",), "not executing": ("runtime", "data", "host", "idle")}
     for name, cats in groups.items():
         share_a = sum(a["breakdown_share"].get(c, 0.0) for c in cats)

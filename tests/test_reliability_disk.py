@@ -28,17 +28,17 @@ def can_mount_tmpfs(tmp: Path) -> bool:
     return probe.returncode == 0
 
 
-def train_on_tmpfs(tmp_path: Path, size: str, *more: str) -> tuple[int, str, str, Path]:
+def train_on_tmpfs(tmp_path: Path, size: str, *more: str, timeout: int = 600) -> tuple[int, str, str, Path]:
     """Train into a tmpfs of `size`; returns (exit code, stdout, stderr, a copy of the run directory)."""
     run, copy = tmp_path / "run", tmp_path / "copy"
-    run.mkdir()
+    run.mkdir(parents=True)
     copy.mkdir()
     script = ('mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; shift 3; "$@"; code=$?; '
               'cp -a "$RUN"/. "$COPY"/; exit $code')
     cmd = ["unshare", "-rm", "sh", "-c", script, "sh", size, str(run), "--", sys.executable, "-m", "picotron_jax",
            "train", "--run-dir", str(run), *ARGS, *more]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "RUN": str(run), "COPY": str(copy)},
-                          cwd=ROOT, timeout=600)
+                          cwd=ROOT, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr, copy
 
 
@@ -87,3 +87,28 @@ def test_any_write_that_fails_with_enospc_ends_the_command_in_one_line_with_exit
     assert cli.main(["train"]) == 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "disk full writing runs/x/metrics.jsonl" in err
+
+
+@pytest.mark.slow  # two training processes; the default suite keeps the fake writer's test above
+def test_metrics_and_token_cache_writes_on_a_full_tmpfs_end_in_one_line_naming_the_file(tmp_path, tmpfs_ok):
+    """Real ENOSPC, no fake writer: (1) metrics.jsonl and TensorBoard's event file fill a 64 KiB tmpfs (no
+    checkpoints: checkpoint.every=0);
+    (2) the token cache of a 400 KB corpus does not fit in data.cache_dir on a 64 KiB tmpfs. Each ends with
+    one line naming the full file, exit code 5, no traceback, and the token cache leaves no partial file."""
+    code, out, err, copy = train_on_tmpfs(tmp_path / "metrics", "64k", "checkpoint.every=0", "train.steps=100000",
+                                          timeout=300)  # TensorBoard's writer thread once hung the run here
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 5 and len(lines) == 1 and "Traceback" not in out + err, (code, err[-3000:])
+    assert lines[0].startswith("error: disk full writing "), lines
+    assert "/metrics.jsonl" in lines[0] or "/tensorboard" in lines[0], lines  # whichever write failed first
+    assert (copy / "metrics.jsonl").stat().st_size > 0
+    assert not (copy / "checkpoints").is_dir() or not list((copy / "checkpoints").iterdir())  # no save was made
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 15_000)  # 405 KB of text: 810 KB of uint16 tokens
+    code, out, err, copy = train_on_tmpfs(tmp_path / "cache", "64k", f"data.source={corpus}",
+                                          f"data.cache_dir={tmp_path / 'cache' / 'run' / 'tokens'}", timeout=300)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 5 and len(lines) == 1 and "Traceback" not in out + err, (code, err[-3000:])
+    assert lines[0].startswith("error: disk full writing ") and "/tokens/" in lines[0], lines
+    assert not list((copy / "tokens").iterdir()), list((copy / "tokens").iterdir())  # the partial file removed

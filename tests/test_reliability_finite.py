@@ -8,6 +8,7 @@ import pytest
 import picotron_jax as pj
 from picotron_jax.checkpoint.finite import state_is_finite
 from picotron_jax.checkpoint.manager import Checkpointer
+from picotron_jax.cli import main
 from test_api import tiny
 
 
@@ -48,8 +49,8 @@ def test_a_diverging_run_with_a_huge_learning_rate_writes_only_finite_checkpoint
 
 
 def test_a_non_finite_checkpoint_on_disk_is_skipped_on_resume(tmp_path, capsys):
-    """A NaN state written behind the guard's back (an older version, by hand) is unusable: --resume says so
-    in one line and falls back to the older finite step."""
+    """A NaN state written behind the guard's back (an older version, by hand) is unusable: `ckpt info` says
+    so (exit 1), and --resume says so in one line and falls back to the older finite step."""
     cfg = tiny("single", "train.steps=2", "checkpoint.every=1", "checkpoint.async_save=false", "checkpoint.keep=0")
     trainer = pj.Trainer(cfg, tmp_path)
     trainer.run()
@@ -62,6 +63,12 @@ def test_a_non_finite_checkpoint_on_disk_is_skipped_on_resume(tmp_path, capsys):
     trainer.close()
     assert steps_on_disk(tmp_path) == [1, 2, 3]
     capsys.readouterr()
+    # `ckpt info` applies the same rule: the NaN step is not usable (exit 1, says why), the finite one is
+    assert main(["ckpt", "info", str(tmp_path / "checkpoints" / "3")]) == 1
+    out = capsys.readouterr().out
+    assert "valid: NO, 1 array(s) hold NaN or infinite values (params/embed)" in out and "--resume skips" in out
+    assert main(["ckpt", "info", str(tmp_path / "checkpoints" / "2")]) == 0
+    assert "every float finite" in capsys.readouterr().out
     resumed = pj.Trainer(cfg, tmp_path, resume=True)
     assert resumed.step_count == 2
     assert "holds NaN or infinite values" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """`picotron-jax ckpt ls|info PATH`: what a checkpoint folder holds, and whether each step is usable.
 
 `ls` reads only the small metadata of every step (cheap, also on remote stores); `info` reads one
-step's arrays to host memory (TensorStore verifies every chunk's CRC32C), so it proves the step restores,
+step's arrays to host memory (TensorStore verifies every chunk's CRC32C) and checks that every float array
+is finite, so it proves the step restores and that `--resume` would use it,
 and shows each array kind's codec and ratio, each array's, and whether anything is stored lossy.
 """
 
@@ -118,9 +119,14 @@ def step_info(path: str) -> dict[str, Any]:
         k["bytes"] += a["bytes"] or 0
         k["raw_bytes"] += int(np.prod(a["shape"], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
     missing = sorted(set(meta.get("arrays", names)) - set(names))
-    info["valid"] = not missing
+    non_finite = [n for n, x in zip(names, leaves)
+                  if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
+    info["valid"] = not missing and not non_finite
     if missing:
         info["problem"] = f"{len(missing)} array(s) listed in its metadata are absent ({', '.join(missing[:3])})"
+    elif non_finite:  # the same rule as --resume (restore.py): a diverged state is not usable
+        info["problem"] = (f"{len(non_finite)} array(s) hold NaN or infinite values ({', '.join(non_finite[:3])}): "
+                           f"a diverged state, which --resume skips; use an older step")
     return info
 
 
@@ -143,6 +149,6 @@ def format_info(info: dict[str, Any]) -> str:
     for a in info.get("arrays", []):
         ratio = f"{a['ratio']:.3f}" if a.get("ratio") is not None else "?"
         lines.append(f"  {a['name']:<40} {a['dtype']:<9} {str(a['shape']):<18} {a.get('codec') or '?':<10} {ratio}")
-    lines.append("  valid: yes (every array read, every chunk's CRC32C verified)" if info["valid"]
+    lines.append("  valid: yes (every array read, every chunk's CRC32C verified, every float finite)" if info["valid"]
                  else f"  valid: NO, {info['problem']}")
     return "\n".join(lines)

@@ -220,6 +220,8 @@ def _write_tokens(path: Path, corpus: Corpus, tokenizer, dtype: np.dtype) -> int
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: readers see no file or the whole file
+    except OSError as exc:  # a file object's error names no file (a full disk's one line names it, cli.py)
+        raise OSError(exc.errno, exc.strerror, exc.filename or str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return total

@@ -40,8 +40,11 @@ class MetricsWriter:
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a file object's error names no file: name it (a full disk's one line, cli.py)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if self._file is not None:
@@ -148,16 +151,20 @@ def human_bytes(n: float | None, sep: str = "") -> str:
 
 
 def format_log_line(row: dict[str, Any], total_steps: int) -> str:
-    """step 40/300 | loss 2.8812 | lr 2.95e-03 | gnorm 0.412 | 1,234 tok/s | MFU 41.2% | mem 1.2GiB"""
+    """step 40/300 | loss 2.8812 | lr 2.95e-03 | gnorm 0.412 | 1,234 tok/s | MFU 41.2% | mem 1.2GiB
+
+    A row with no timed step since the previous one (the first row: its only step compiled, and throughput
+    excludes a compiling step) says so instead of showing a throughput it did not measure."""
     width = len(str(total_steps))
     mfu = row.get("mfu")
     mfu_text = f"{100 * mfu:5.1f}%" if isinstance(mfu, float) and math.isfinite(mfu) else "  n/a"
     tps = row["tokens_per_s"]
-    tps_text = f"{tps:>9,.0f}" if math.isfinite(tps) else f"{'n/a':>9}"
+    speed = (f"{tps:>9,.0f} tok/s | MFU {mfu_text}" if isinstance(tps, float) and math.isfinite(tps)
+             else "compiling step, not timed (tok/s from the next row)")
     scale = f" | scale {row['loss_scale']:g} skipped {row['skipped_steps']}" if "loss_scale" in row else ""
     return (
         f"step {row['step']:>{width}}/{total_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-        f"gnorm {row['grad_norm']:.3f} | {tps_text} tok/s | MFU {mfu_text} | "
+        f"gnorm {row['grad_norm']:.3f} | {speed} | "
         f"mem {human_bytes(row['memory_bytes'])}{scale}{moe_aux.log_suffix(row)}"
     )
 

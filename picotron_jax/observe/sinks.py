@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import re
 import socket
+import threading
+import traceback
 from pathlib import Path
 
 import yaml
@@ -33,16 +35,37 @@ def _numbers(row: dict):
 
 
 class TensorBoardSink(Callback):
+    """tensorboardX writes on a thread fed by a bounded queue: when a write fails (a full disk) the thread
+    dies with a traceback and the next `add_*` blocks forever on the full queue, hanging the run. So the
+    queue is unbounded, the thread's OSError is caught (threading.excepthook) and raised in the loop at the
+    next row, naming this folder: a full disk ends the run in one line with exit code 5 (cli.py)."""
+
     def __init__(self, directory: Path):
         self.directory = directory
         self.writer = None
+        self.failed: OSError | None = None
 
     def _open(self):
+        if self.failed is not None:
+            raise OSError(self.failed.errno, self.failed.strerror or str(self.failed), str(self.directory))
         if self.writer is None:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.directory), flush_secs=10)
+            self._catch_writer_errors()
+            self.writer = SummaryWriter(str(self.directory), flush_secs=10, max_queue=1 << 30)
         return self.writer
+
+    def _catch_writer_errors(self) -> None:
+        previous = threading.excepthook
+
+        def hook(args):
+            frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+            if isinstance(args.exc_value, OSError) and any("tensorboardX" in f.filename for f in frames):
+                self.failed = args.exc_value
+                return
+            previous(args)
+
+        threading.excepthook = hook
 
     def on_run_start(self, trainer):
         w = self._open()
@@ -71,12 +94,12 @@ class TensorBoardSink(Callback):
 
     def on_run_end(self, trainer, summary):
         if self.writer is not None:
-            self.writer.flush()
+            self._open().flush()
 
     def on_close(self, trainer):
-        if self.writer is not None:
+        if self.writer is not None and self.failed is None:  # a failed writer's close would raise again
             self.writer.close()
-            self.writer = None
+        self.writer = None
 
 
 def check_port_free(port: int, field: str) -> None:

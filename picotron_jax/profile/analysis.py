@@ -22,7 +22,7 @@ import numpy as np
 from picotron_jax.config import MESH_AXES, Config
 from picotron_jax.profile.capture import READ_BATCH, STEP
 from picotron_jax.profile.program import MODULES, Program, build_program
-from picotron_jax.profile.timeline import CATEGORIES, COLLECTIVE_KINDS, device_timelines, find_window
+from picotron_jax.profile.timeline import CATEGORIES, COLLECTIVE_KINDS, Window, device_timelines, find_window
 from picotron_jax.profile.trace import load_trace
 
 
@@ -71,6 +71,7 @@ def analyse(out_dir: str | Path, cfg: Config) -> dict:
         "trace_step_s": window.seconds / n,
         "breakdown": breakdown,
         "breakdown_share": {c: v / (window.seconds / n) for c, v in breakdown.items()},
+        **_per_step_shares(trace, program, window, ids, breakdown),
         "devices": per_device,
         "overlap": (sum(t.overlap for t in devices) / comm_time) if comm_time else None,
         "machine": {"slots": slots, "busy_devices": busy, "spare": max(0.0, min(1.0, 1.0 - busy / slots)),
@@ -92,6 +93,27 @@ def analyse(out_dir: str | Path, cfg: Config) -> dict:
     }
     report["straggler"] = _straggler(per_device, report["trace_step_s"])
     return report
+
+
+def _per_step_shares(trace, program: Program, window: Window, ids: list[int], breakdown: dict) -> dict:
+    """Each step's own split (from its start to the next step's start, mean over devices, as shares of that
+    step), then per category the median over the window's steps and its range (max - min): one step the
+    shared host disturbed moves the mean of a short window, not its median (breakdown_share_median)."""
+    starts = [a for a, _ in window.step_spans] + [window.end]
+    rows = []
+    for i in range(window.steps):
+        lo, hi = starts[i], starts[i + 1]
+        one = Window(lo, hi, 1, [window.step_spans[i]], [b for b in window.between if lo <= b[0] < hi],
+                     [r for r in window.reads if lo <= r[0] < hi])
+        timelines = device_timelines(trace, program, one)
+        devices = [timelines[d] for d in ids if d in timelines]
+        if devices and one.seconds > 0:
+            rows.append({c: sum(t.seconds.get(c, 0.0) for t in devices) / len(devices) / one.seconds
+                         for c in breakdown})
+    if not rows:
+        return {}
+    return {"breakdown_share_median": {c: statistics.median(r[c] for r in rows) for c in breakdown},
+            "breakdown_share_range": {c: max(r[c] for r in rows) - min(r[c] for r in rows) for c in breakdown}}
 
 
 def _executed(program: Program, t) -> float:

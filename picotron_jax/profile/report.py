@@ -35,6 +35,8 @@ def summary_lines(report: dict, top: int = 3) -> list[str]:
                      f"{f['estimated_gain_here']:.0%} on this machine)")
     if not report["findings"]:
         lines.append("  no bottleneck rule fired")
+    for w in report.get("withheld", []):
+        lines.append(f"  not proposed: {' '.join(w['suggestion'])}: {w['reason']}")
     return lines
 
 
@@ -58,6 +60,8 @@ def markdown(r: dict) -> str:
               f"   - suggestion: `{' '.join(f['suggestion'])}`" if f["suggestion"] else "   - suggestion: none",
               f"   - estimated gain: {f['estimated_gain']:.1%} of the step ({_ms(f['estimated_gain_s'])} ms); "
               f"here {f['estimated_gain_here']:.1%}"]
+    for w in r.get("withheld", []):
+        L.append(f"- not proposed: `{' '.join(w['suggestion'])}`: {w['reason']}")
     L += ["", "## Where the step's time goes (mean over devices)", "", "| category | ms per step | share |", "|---|---:|---:|"]
     for k, v in sorted(r["breakdown"].items(), key=lambda kv: -kv[1]):
         L.append(f"| {k} | {_ms(v)} | {_pct(r['breakdown_share'][k])} |")

@@ -10,7 +10,9 @@ removing waits gains at most the host's spare capacity; removing *work* gains in
 
 Gain formulas: pipeline bubble, step ~ W / (1 - b) at fixed work W, so moving the bubble from b to
 b' saves 1 - (1 - b) / (1 - b') of the pipeline loop (b measured from the trace, b' scaled by the
-schedule's analytic bubbles, Narayanan et al. 2021); recomputation, its op time; ZeRO-1, the
+schedule's analytic bubbles, Narayanan et al. 2021); recomputation, its op time (on XLA:CPU calibrated by timing the suggestion, and withheld when it
+measures no gain); a larger microbatch (half the accumulation), half the program's runtime between
+ops; ZeRO-1, the
 optimizer update's time times (1 - 1/data) (Rajbhandari et al. 2020); a per-device batch k times
 larger, per-token time from (fixed + k x work) / k with the measured fixed part; exposed
 tensor-parallel collectives, half their time when the tensor axis halves; a straggler, the others'
@@ -20,6 +22,7 @@ as many tokens through the experts).
 
 from __future__ import annotations
 
+import jax
 
 from picotron_jax.config import Config, resolve_mesh_shape
 from picotron_jax.config_checks import validate
@@ -51,7 +54,7 @@ def find_bottlenecks(report: dict, cfg: Config, num_devices: int, devices=None) 
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     out = []
     for rule in (_straggler, _bubble, _tensor_collectives, _data_wait, _moe, _remat, _optimizer, _small_batch,
-                 _host):
+                 _larger_microbatch, _host):
         found = rule(report, cfg, sizes, step, share, spare, num_devices, devices)
         if found:
             out.append(found)
@@ -184,13 +187,39 @@ def _remat(report, cfg, sizes, step, share, spare, n, devices):
         peak_new = estimate_memory(cfg.with_overrides(over), devices).peak_bytes
         if peak_new > 0.8 * limit:
             return None
-    return _finding(
+    estimate, measured = recompute / step, None
+    # one process only: processes whose traces differ could disagree on timing, and the timing builds programs
+    if report["config"]["platform"] == "cpu" and jax.process_count() == 1:
+        measured = _measured_remat_gain(cfg, over, estimate)
+        if measured <= 0:  # XLA:CPU's cost of keeping the activations outweighs the recomputation saved
+            report.setdefault("withheld", []).append({
+                "kind": "remat_recompute", "suggestion": over, "estimated_gain": round(estimate, 4),
+                "measured_gain": round(measured, 4),
+                "reason": f"recomputation is {estimate:.0%} of the step, but {' '.join(over)} measured "
+                          f"{-measured:.0%} slower on this backend (alternating timed steps), so it is not proposed"})
+            return None
+    found = _finding(
         "remat_recompute", f"recomputation with memory to spare: {recompute / step:.0%} of the step",
         f"memory.remat={cfg.memory.remat} recomputes for {recompute * 1e3:.1f} ms per step; the step's peak is "
         f"{peak_now / 2**20:,.0f} MiB" + (f", {peak_new / 2**20:,.0f} MiB without remat (compile-only estimate)"
-                                          if peak_new else "") + f", of {limit / 2**20:,.0f} MiB per device",
-        over, recompute / step, step, None, {"recompute_s": recompute, "peak_bytes": peak_now,
-                                            "peak_bytes_new": peak_new, "limit_bytes": limit})
+                                          if peak_new else "") + f", of {limit / 2**20:,.0f} MiB per device"
+        + (f"; timed here without remat: {measured:.0%} faster" if measured is not None else ""),
+        over, estimate, step, None, {"recompute_s": recompute, "peak_bytes": peak_now,
+                                     "peak_bytes_new": peak_new, "limit_bytes": limit, "measured_gain": measured})
+    if measured is not None:  # the device model's figure stays estimated_gain; this machine's is the measured one
+        found["estimated_gain_here"] = round(min(estimate, measured), 4)
+    return found
+
+
+def _measured_remat_gain(cfg: Config, over: list[str], estimate: float) -> float:
+    """On XLA:CPU the saved recomputation is not the gain (without remat the step was measured 9-16% slower:
+    keeping the activations costs memory traffic the time model does not see), so the rule calibrates:
+    it times the suggestion against the profiled config as `--verify` does (verify.py) and uses that."""
+    from picotron_jax.profile.verify import verify
+
+    check = verify(cfg, {"kind": "remat_recompute", "suggestion": over, "estimated_gain": estimate,
+                         "estimated_gain_here": estimate}, rounds=3, steps=2, log=lambda _m: None)
+    return check["measured_gain"]
 
 
 def _optimizer(report, cfg, sizes, step, share, spare, n, devices):
@@ -239,6 +268,38 @@ def _small_batch(report, cfg, sizes, step, share, spare, n, devices):
         f"(per-token gain; scale optimizer.lr with it)",
         over, gain, step, None, {"tokens_per_device": tokens, "matmul_peak_fraction": achieved,
                                  "fixed_s": fixed, "compute_s": compute})
+
+
+def _larger_microbatch(report, cfg, sizes, step, share, spare, n, devices):
+    """Gradient accumulation with memory to spare and small microbatches: each microbatch pays the loop's
+    per-iteration costs (the program's runtime between ops, launch overhead), so halving train.grad_accum
+    (twice the microbatch, same global batch and math) halves them. Proposed only when the suggestion's
+    compile-only peak (memory/estimate.py) stays under 80% of the budget."""
+    ga = cfg.train.grad_accum
+    rows = cfg.train.global_batch // max(ga * sizes["data"] * sizes["expert"], 1)
+    tokens = rows * cfg.train.seq_len
+    runtime = report["breakdown"].get("runtime", 0.0)
+    if ga < 2 or tokens > 4096 or runtime < 0.05 * step or devices is None:
+        return None
+    from picotron_jax.profile.memory_rule import memory_budget
+
+    limit = memory_budget(cfg, report)
+    over = [f"train.grad_accum={ga // 2}"]
+    if not limit or not _valid(cfg, over, n):
+        return None
+    from picotron_jax.memory.estimate import estimate_memory
+
+    peak_new = estimate_memory(cfg.with_overrides(over), devices).peak_bytes
+    if peak_new > 0.8 * limit:
+        return None
+    return _finding(
+        "larger_microbatch", f"small microbatches with memory to spare: {tokens} tokens per device per microbatch",
+        f"train.grad_accum={ga} runs {ga} microbatches of {rows} x {cfg.train.seq_len} tokens per device; "
+        f"{runtime / step:.0%} of the step is the program's runtime between ops (per-iteration costs); "
+        f"with grad_accum={ga // 2} the compile-only peak is {peak_new / 2**20:,.0f} MiB of "
+        f"{limit / 2**20:,.0f} MiB per device (the step's now: {report['memory']['peak_bytes'] / 2**20:,.0f} MiB)",
+        over, 0.5 * runtime / step, step, None,
+        {"tokens_per_microbatch": tokens, "runtime_s": runtime, "peak_bytes_new": peak_new, "limit_bytes": limit})
 
 
 def _host(report, cfg, sizes, step, share, spare, n, devices):
