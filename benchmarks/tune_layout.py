@@ -24,7 +24,7 @@ from pathlib import Path
 from picotron_jax.tune.layout import spearman
 
 
-def simulate(rep: dict, share: float, calibrate: int) -> dict:
+def simulate(rep: dict, share: float, calibrate: int, cpu_terms: bool = True) -> dict:
     """What `tune layout --calibrate K --top M` would have chosen, K + M = the measured share, replayed on
     the sweep's measurements: K spread picks calibrate the model, the M best re-ranked are measured."""
     from picotron_jax.tune.calibrate import calibrated, fit_scales, spread_picks
@@ -33,6 +33,8 @@ def simulate(rep: dict, share: float, calibrate: int) -> dict:
 
     cands = [c for c in rep["candidates"] if c["measured_step_s"] is not None and c["fits"]]
     hw = Hardware(**rep["hardware"])
+    if not cpu_terms:  # the model before the XLA:CPU terms: matmul FLOPs and per-axis links only
+        hw = Hardware(**{**rep["hardware"], "write_bytes_per_s": 0.0, "thunk_s": 0.0, "copy_bytes_per_s": 0.0})
     base = [predict(c["compiled"], hw) for c in cands]
     budget = max(1, math.ceil(share * len(cands)))
     k = min(calibrate, budget)
@@ -48,7 +50,8 @@ def simulate(rep: dict, share: float, calibrate: int) -> dict:
     best = max(range(len(cands)), key=lambda i: cands[i]["measured_tokens_per_s"])
     held = [i for i in range(len(cands)) if i not in picks]
     rho = lambda idx, key: spearman([preds[i]["step_s"] for i in idx], [cands[i][key] for i in idx])  # noqa: E731
-    return {"calibrate": k, "tuner_measures": len(measured), "of": len(cands),
+    return {"model": ("matmul+links" if not cpu_terms else "with CPU terms") + (f", calibrated on {k}" if k else ""),
+            "calibrate": k, "tuner_measures": len(measured), "of": len(cands),
             "tuner_choice": cands[pick]["label"], "sweep_best": cands[best]["label"],
             "tuner_vs_best": cands[pick]["measured_tokens_per_s"] / cands[best]["measured_tokens_per_s"],
             "spearman_wall": rho(range(len(cands)), "measured_step_s"),
@@ -79,16 +82,17 @@ def main() -> None:
                             "--json", str(out), *rest], check=True)
             rep = json.loads(out.read_text())
     cands = [c for c in rep["candidates"] if c["measured_step_s"] is not None]  # predicted order
-    sims = [simulate(rep, args.share, int(k)) for k in args.calibrate.split(",")]
+    sims = [simulate(rep, args.share, 0, cpu_terms=False)]
+    sims += [simulate(rep, args.share, int(k)) for k in args.calibrate.split(",")]
     print("| layout | peak MiB | measured ms | CPU s | tokens/s | " +
-          " | ".join(f"predicted ms (K={s['calibrate']})" for s in sims) + " |")
+          " | ".join(f"predicted ms ({s['model']})" for s in sims) + " |")
     print("|---|---|---|---|---|" + "---|" * len(sims))
     for c in sorted(cands, key=lambda c: c["measured_step_s"]):
         cpu = f"{c['measured_cpu_s']:.2f}" if c.get("measured_cpu_s") is not None else "-"
         print(f"| {c['label']} | {c['peak_bytes'] / 2**20:.1f} | {c['measured_step_s'] * 1e3:.1f} | {cpu} | "
               f"{c['measured_tokens_per_s']:,.0f} | " +
               " | ".join(f"{s['predicted_ms'][c['label']]:.1f}" for s in sims) + " |")
-    summary = {"config": args.config, "devices": args.devices, "measured": len(cands),
+    summary = {"config": args.from_json or args.config, "devices": args.devices, "measured": len(cands),
                "failed": [c["label"] for c in rep["candidates"] if c["error"]],
                "tuner": [{k: v for k, v in s.items() if k != "predicted_ms"} for s in sims]}
     print(json.dumps(summary, indent=2))
