@@ -182,3 +182,10 @@ def test_search_calibrates_then_measures_the_best_by_the_fitted_rates(monkeypatc
     assert info["factors"]["dispatch_s"] > 100 * info["factors"]["compute_s"]  # the thunks carry the time
     assert [r.layout.label().split(" zero")[0] for r in results] == ["d2 t4", "d4 t2", "d8"]  # fitted order
     assert tune_layout.choose(results).layout.label().startswith("d2 t4")
+
+
+def test_the_objective_picks_by_wall_or_by_cpu_seconds():
+    fast_wall = tune_layout.Result(Layout(data=8), {}, False, measured_step_s=1.0, measured_cpu_s=3.0)
+    fast_cpu = tune_layout.Result(Layout(tensor=8), {}, False, measured_step_s=2.0, measured_cpu_s=1.0)
+    assert tune_layout.choose([fast_wall, fast_cpu]) is fast_wall
+    assert tune_layout.choose([fast_wall, fast_cpu], "cpu") is fast_cpu

@@ -118,12 +118,13 @@ def predict(compiled: dict[str, Any], hw: Hardware) -> dict[str, float]:
 
 def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, budget: float = math.inf,
            top: int = 3, time_budget: float = math.inf, steps: int = 3, warmup: int = 1, calibrate: int = 0,
-           calibration: dict | None = None, cache_dir: Path | None = DEFAULT_CACHE,
+           objective: str = "wall", calibration: dict | None = None, cache_dir: Path | None = DEFAULT_CACHE,
            log: Callable[[str], None] | None = None) -> list[Result]:
     """Compile, rank and measure; returns the results fastest-predicted first (over-budget ones last).
     `calibrate` > 0: first measure that many layouts spread over the model's terms, fit the model's
     rates to them (calibrate.py), re-rank with the fitted rates, then measure the `top` best not yet
-    measured; `calibration` (a dict, when given) receives the fitted hardware, factors and layouts."""
+    measured (fitted to `objective`'s figure, see `measured_cost`); `calibration` (a dict, when given)
+    receives the fitted hardware, factors and layouts."""
     log = log or (lambda s: None)
     n = len(devices)
     results, executables = [], {}
@@ -172,9 +173,9 @@ def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, b
         for r in picked:
             if not run(r):
                 break
-        done = [r for r in picked if r.measured_step_s is not None]
+        done = [r for r in picked if measured_cost(r, objective) is not None]
         if done:
-            scales = fit_scales([r.predicted for r in done], [r.measured_step_s for r in done])
+            scales = fit_scales([r.predicted for r in done], [measured_cost(r, objective) for r in done])
             hw = calibrated(hw, scales)
             for r in results:
                 if r.compiled:
@@ -190,11 +191,18 @@ def search(cfg: Config, devices: list, layouts: list[Layout], hw: Hardware, *, b
     return results
 
 
-def choose(results: list[Result]) -> Result | None:
+def measured_cost(r: Result, objective: str = "wall") -> float | None:
+    """The measured figure the search minimises: wall seconds per step, or with objective "cpu" the
+    process's CPU seconds per step (on a host shared with other users' work the wall time says how much
+    of the cores the trial got; the CPU seconds say how much work its step is)."""
+    return r.measured_cpu_s if objective == "cpu" else r.measured_step_s
+
+
+def choose(results: list[Result], objective: str = "wall") -> Result | None:
     """The fastest measured candidate; without measurements the best predicted one that fits."""
-    measured = [r for r in results if r.measured_step_s is not None]
+    measured = [r for r in results if measured_cost(r, objective) is not None]
     if measured:
-        return min(measured, key=lambda r: r.measured_step_s)
+        return min(measured, key=lambda r: measured_cost(r, objective))
     return next((r for r in results if r.fits and not r.error), None)
 
 
@@ -229,6 +237,8 @@ def report(results: list[Result], chosen: Result | None, num_devices: int, hw: H
             "measured": len(measured),
             "spearman_predicted_measured": spearman([r.predicted["step_s"] for r in measured],
                                                     [r.measured_step_s for r in measured]),
+            "spearman_predicted_cpu": spearman([r.predicted["step_s"] for r in measured if r.measured_cpu_s],
+                                               [r.measured_cpu_s for r in measured if r.measured_cpu_s]),
             "chosen": None if chosen is None else chosen.as_dict(num_devices),
             "candidates": [r.as_dict(num_devices) for r in results]}
 
