@@ -83,8 +83,13 @@ def test_percentile_pacing_and_pools_on_a_table_of_steps():
 
 
 def test_resumed_difficulty_run_equals_the_uninterrupted_one_bitwise(tmp_path):
+    rng = np.random.default_rng(0)  # a small corpus (a few hundred windows) whose lines differ in difficulty
+    lines = ["ab " * int(rng.integers(2, 30)) if i % 2 else "".join(map(chr, rng.integers(97, 123, 60)))
+             for i in range(200)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines))
     cfg = pj.load_config("single", [*TINY, *DIFF, "train.steps=4", "checkpoint.require_lossless=true",
-                                    "eval.tokens=0", "eval.fraction=0"])
+                                    "eval.tokens=0", "eval.fraction=0", f"data.source={tmp_path / 'corpus.txt'}",
+                                    f"data.cache_dir={tmp_path / 'tokens'}"])
     with pj.Trainer(cfg.replace(train={"stop_at_step": 2}), tmp_path / "stopped") as first:
         assert first.run().stopped_early == "train.stop_at_step"
     with pj.Trainer.restore(tmp_path / "stopped") as resumed:
@@ -99,6 +104,7 @@ def test_resumed_difficulty_run_equals_the_uninterrupted_one_bitwise(tmp_path):
         [(s, rows[s]["loss"]) for s in range(3, 5)]
     assert [rows[s]["curriculum_percentile"] for s in range(1, 5)] == [40, 60, 80, 100]
     assert rows[1]["difficulty_max"] <= rows[3]["difficulty_max"] <= rows[4]["difficulty_max"]
+    assert len(list((tmp_path / "tokens").glob("*.difficulty-compression-T16-*.npy"))) == 1  # scored once
 
 
 @pytest.mark.parametrize("override, field", [
