@@ -82,6 +82,7 @@ def test_percentile_pacing_and_pools_on_a_table_of_steps():
     assert not np.array_equal(other.windows(0, 64), lin.windows(0, 64))
 
 
+@pytest.mark.slow  # three trainers, as test_curriculum.py's seqlen resume test
 def test_resumed_difficulty_run_equals_the_uninterrupted_one_bitwise(tmp_path):
     rng = np.random.default_rng(0)  # a small corpus (a few hundred windows) whose lines differ in difficulty
     lines = ["ab " * int(rng.integers(2, 30)) if i % 2 else "".join(map(chr, rng.integers(97, 123, 60)))
