@@ -244,14 +244,15 @@ def report(results: list[Result], chosen: Result | None, num_devices: int, hw: H
 
 
 def format_report(results: list[Result], chosen: Result | None, budget: float) -> str:
-    lines = [f"{'rank':>4}  {'layout':<44} {'peak':>12} {'fits':>4} {'predicted':>11} {'measured':>11}"]
+    lines = [f"{'rank':>4}  {'layout':<44} {'peak':>12} {'fits':>4} {'predicted':>11} {'measured':>11} {'cpu':>8}"]
     for i, r in enumerate(results):
         pred = f"{r.predicted['step_s'] * 1e3:.1f} ms" if r.predicted else "-"
         meas = f"{r.measured_step_s * 1e3:.1f} ms" if r.measured_step_s is not None else "-"
+        cpu = f"{r.measured_cpu_s:.2f} s" if r.measured_cpu_s is not None else "-"
         peak = mib(r.compiled["peak_bytes"]) if r.compiled else "-"
         mark = "  <- chosen" if r is chosen else (f"  {r.error[:60]}" if r.error else "")
         lines.append(f"{i + 1:>4}  {r.layout.label():<44} {peak:>12} {'yes' if r.fits else 'no':>4} {pred:>11} "
-                     f"{meas:>11}{mark}")
+                     f"{meas:>11} {cpu:>8}{mark}")
     if chosen is None:
         lines.append("no candidate fits the memory budget" + ("" if math.isinf(budget) else f" {mib(budget)}"))
     return "\n".join(lines)
