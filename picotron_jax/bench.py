@@ -47,15 +47,16 @@ def bench_step(cfg: Config, compiled=None) -> dict:
     compile_s = time.perf_counter() - t0
 
     warmup, steps = cfg.bench.warmup, cfg.bench.steps
-    times = []
+    times, cpu_times = [], []  # wall and this process's CPU seconds (all threads) per step
     for i in range(warmup + steps):
         batch = run.batch(i)
         jax.block_until_ready(batch)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
 
     step_s = float(np.median(times))
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -74,6 +75,7 @@ def bench_step(cfg: Config, compiled=None) -> dict:
         "model_flops_per_s": tps * fpt,
         "step_s": step_s,
         "step_s_all": times,
+        "cpu_s": float(np.median(cpu_times)),
         "compile_s": compile_s,
         "memory": compiled_memory(compiled),
         "collective_bytes": collective_bytes(compiled.as_text()),

@@ -73,6 +73,10 @@ def build_callbacks(cfg: Config, run_dir: Path | None, extra: list | tuple = ())
         from picotron_jax.data.curriculum import SeqLenWarmup
 
         out.append(SeqLenWarmup(cfg))
+    if cfg.curriculum.kind == "difficulty":  # first, as above
+        from picotron_jax.data.curriculum_difficulty import DifficultyWarmup
+
+        out.append(DifficultyWarmup(cfg))
     f = cfg.faults
     if f.in_step or f.sleep_step or f.hang_step or f.flip_step or f.slow_read_s > 0 or f.moe_collapse_step:
         out.append(FaultInjector(f, run_dir))

@@ -421,6 +421,10 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
                                       f"{', '.join(CURRICULUM_KINDS)}")
     if c.kind == "none":
         return
+    if c.kind == "difficulty":
+        from picotron_jax.data.curriculum_checks import validate_difficulty
+
+        return validate_difficulty(c)
     _need(c.pacing in CURRICULUM_PACINGS, f"config field 'curriculum.pacing' = {c.pacing!r}: valid values are "
                                           f"{', '.join(CURRICULUM_PACINGS)}")
     _need(c.seq_len_step >= 1 and T % c.seq_len_step == 0,

@@ -290,7 +290,10 @@ class DebugConfig:
     recorder_size: int = 256  # entries in each process's flight recorder (dumped to RUN_DIR/debug/ on a hang)
     save_on_crash: bool = False  # on an unexpected exception, also checkpoint the last good state
     nan_origin: bool = False  # trace the first non-finite step to its op (replayed from the checkpoint before it)
-CURRICULUM_KINDS = ("none", "seqlen")
+
+
+CURRICULUM_KINDS = ("none", "seqlen", "difficulty")
+CURRICULUM_METRICS = ("compression", "rarity")
 CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
 
 
@@ -298,7 +301,7 @@ CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
 class CurriculumConfig:
     """Sequence-length warm-up (data/curriculum.py): short sequences first, DeepSpeed's pacing functions."""
 
-    kind: str = "none"  # none | seqlen (short -> long sequences)
+    kind: str = "none"  # none | seqlen (short -> long sequences) | difficulty (easy -> hard windows)
     pacing: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete (DeepSpeed's schedule_type)
     start_seq_len: int = 0  # the first stage's length (DeepSpeed's min_difficulty); required for kind=seqlen
     steps: int = 0  # steps to reach train.seq_len (DeepSpeed's total_curriculum_step); fixed_linear/fixed_root
@@ -307,6 +310,8 @@ class CurriculumConfig:
     discrete_lengths: list[int] = field(default_factory=list)  # fixed_discrete: the lengths, e.g. [32, 64, 128]
     discrete_steps: list[int] = field(default_factory=list)  # fixed_discrete: last step of each but the last length
     constant_tokens: bool = True  # rebuild the batch as global_batch * seq_len / L rows of L; false = truncate rows
+    metric: str = "compression"  # kind=difficulty: compression | rarity (data/curriculum_difficulty.py)
+    start_percentile: int = 0  # kind=difficulty: the first steps draw from the easiest this-many percent (1..100)
 
 
 META_TASKS = ("sine",)

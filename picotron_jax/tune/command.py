@@ -26,6 +26,12 @@ def add_parser(sub, add_config_args) -> None:
     q.add_argument("--memory-budget", help="per-device memory budget, e.g. 16GiB (default: the target's or none)")
     q.add_argument("--time-budget", type=float, default=math.inf, help="seconds for the measured trials")
     q.add_argument("--top", type=int, default=3, help="measure at most this many of the best-ranked (0: none)")
+    q.add_argument("--calibrate", type=int, default=0,
+                   help="first measure this many layouts spread over the model's terms and fit its rates to them "
+                        "(tune/calibrate.py), then rank and measure --top more")
+    q.add_argument("--objective", choices=("wall", "cpu"), default="wall",
+                   help="what the measured trials minimise (and --calibrate fits): wall seconds per step, or the "
+                        "process's CPU seconds per step (steadier on a host other users load)")
     q.add_argument("--steps", type=int, default=3, help="timed steps per measured trial (after one warm-up)")
     q.add_argument("--axes", default="pipe,data,context,expert,tensor",
                    help="mesh axes to search, comma-separated (the others stay 1)")
@@ -96,14 +102,20 @@ def cmd_layout(args, load) -> int:
         print("note: the layouts are compiled for virtual CPU devices; nothing is measured, the ranking is the "
               "model's prediction with this machine's CPU figures (give --target for the real cluster's)",
               file=sys.stderr)
-    results = search(cfg, devices, layouts, hw, budget=budget, top=0 if args.target or stand_ins else args.top,
-                     time_budget=args.time_budget, steps=args.steps, cache_dir=cache,
+    measures = not (args.target or stand_ins)
+    calibration: dict = {}
+    results = search(cfg, devices, layouts, hw, budget=budget, top=args.top if measures else 0,
+                     time_budget=args.time_budget, steps=args.steps, calibrate=args.calibrate if measures else 0,
+                     objective=args.objective, calibration=calibration, cache_dir=cache,
                      log=lambda s: print(s, file=sys.stderr))
-    chosen = choose(results)
+    hw = calibration.get("hardware", hw)
+    chosen = choose(results, args.objective)
     print(format_report(results, chosen, budget))
     if args.target:
         print(f"note: ranked by {hw.source}; memory compiled for {args.devices} {devices[0].platform} devices")
     rep = report(results, chosen, args.devices, hw, budget, rejected)
+    rep["calibration"] = {k: v for k, v in calibration.items() if k != "hardware"} or None
+    rep["objective"] = args.objective
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(rep, indent=2, default=str) + "\n")

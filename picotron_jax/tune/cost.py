@@ -41,6 +41,11 @@ class Hardware:
     memory_bytes: int = 0  # per-device memory (0: unknown)
     shared_host: bool = False  # virtual devices sharing one host's cores: no bubble cost
     source: str = "measured"
+    # XLA:CPU terms (0: left out, as for a target cluster): what the thunks write, per thunk dispatched,
+    # and the collectives' host copies (tune/work.py, Collectives.copy_bytes) instead of per-axis links
+    write_bytes_per_s: float = 0.0
+    thunk_s: float = 0.0
+    copy_bytes_per_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +57,9 @@ class Collectives:
 
     bytes_by_axes: dict[str, int] = field(default_factory=dict)  # "data,tensor" -> bytes
     count_by_axes: dict[str, int] = field(default_factory=dict)
+    # what the collectives copy on one host: a reducing collective (all-reduce, reduce-scatter) reads
+    # each of its group's g buffers, the others copy their bytes once
+    copy_bytes: int = 0
 
 
 def collectives_by_axes(hlo_text: str, mesh_shape: tuple[int, ...]) -> Collectives:
@@ -66,9 +74,12 @@ def collectives_by_axes(hlo_text: str, mesh_shape: tuple[int, ...]) -> Collectiv
             coll = instruction_collective(ins, comp)
             if coll is None or coll[1] == 0:
                 continue
-            key = ",".join(mesh_axes_of(device_groups(ins.raw_attrs), mesh_shape)) or "none"
+            groups = device_groups(ins.raw_attrs)
+            key = ",".join(mesh_axes_of(groups, mesh_shape)) or "none"
             out.bytes_by_axes[key] = out.bytes_by_axes.get(key, 0) + coll[1] * runs[cname]
             out.count_by_axes[key] = out.count_by_axes.get(key, 0) + runs[cname]
+            reads = max((len(g) for g in groups), default=1) if coll[0] in ("all-reduce", "reduce-scatter") else 1
+            out.copy_bytes += coll[1] * reads * runs[cname]
     return out
 
 
@@ -79,14 +90,22 @@ def axis_bandwidth(hw: Hardware, axes_key: str) -> float:
 
 
 def predict_step(flops: float, coll: Collectives, bubble: float, hw: Hardware,
-                 busy_share: float = 1.0) -> dict[str, float]:
-    """Predicted seconds per step, with its terms (`busy_share`, `bubble`: 1 and 0 without a pipeline)."""
+                 busy_share: float = 1.0, work: dict | None = None) -> dict[str, float]:
+    """Predicted seconds per step, with its terms (`busy_share`, `bubble`: 1 and 0 without a pipeline;
+    `work`: tune/work.py's thunk counts, priced when `hw` has the XLA:CPU rates)."""
+    work = work or {}
     compute_s = flops * busy_share / hw.flops_per_s
     bubble_s = 0.0 if hw.shared_host else compute_s * bubble / (1.0 - bubble)
-    comm_s = sum(b / axis_bandwidth(hw, k) for k, b in coll.bytes_by_axes.items())
+    if hw.copy_bytes_per_s > 0:
+        comm_s = coll.copy_bytes / hw.copy_bytes_per_s
+    else:
+        comm_s = sum(b / axis_bandwidth(hw, k) for k, b in coll.bytes_by_axes.items())
     latency_s = hw.latency_s * sum(coll.count_by_axes.values())
-    return {"step_s": compute_s + bubble_s + comm_s + latency_s, "compute_s": compute_s, "bubble_s": bubble_s,
-            "comm_s": comm_s, "latency_s": latency_s}
+    write_s = work.get("thunk_bytes", 0) * busy_share / hw.write_bytes_per_s if hw.write_bytes_per_s > 0 else 0.0
+    dispatch_s = work.get("thunks", 0) * busy_share * hw.thunk_s
+    return {"step_s": compute_s + bubble_s + comm_s + latency_s + write_s + dispatch_s, "compute_s": compute_s,
+            "bubble_s": bubble_s, "comm_s": comm_s, "latency_s": latency_s, "write_s": write_s,
+            "dispatch_s": dispatch_s}
 
 
 def pipeline_shares(sched) -> tuple[float, float]:
@@ -136,9 +155,12 @@ def _timed(fn, *args, repeats: int = 5) -> float:
     return best
 
 
-def measure_hardware(devices: list, matmul: int = 256, psum_bytes: int = 1 << 20) -> Hardware:
-    """Micro-benchmarks on `devices`, all at once: a matmul per device (FLOP/s per device), an all-reduce
-    of `psum_bytes` per device (bytes/s, the same on every axis: one host) and of 4 bytes (latency)."""
+def measure_hardware(devices: list, matmul: int = 256, psum_bytes: int = 1 << 20, write_bytes: int = 1 << 22,
+                     thunk_loop: int = 2000) -> Hardware:
+    """Micro-benchmarks on `devices`, all at once (so on one host they share its cores as a step does):
+    a matmul per device (FLOP/s), an all-reduce of `psum_bytes` per device (bytes/s, the same on every
+    axis: one host; and as host copy rate of its g·S copy bytes) and of 4 bytes (latency), an elementwise
+    op writing `write_bytes` (write rate), and a loop of `thunk_loop` tiny steps (seconds per thunk)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -158,6 +180,17 @@ def measure_hardware(devices: list, matmul: int = 256, psum_bytes: int = 1 << 20
     latency = allreduce(1) if n > 1 else 0.0
     t = allreduce(psum_bytes // 4) if n > 1 else 1.0
     bw = psum_bytes / max(t - latency, 1e-9)
+
+    w = jax.device_put(jnp.ones((n, write_bytes // 4), jnp.float32), sharded)
+    write_rate = write_bytes / _timed(jax.jit(lambda x: x * 1.5 + 1.0, out_shardings=sharded), w)
+
+    def tiny_loop(v):  # one fusion and the loop's condition per iteration: two thunks
+        return jax.lax.fori_loop(0, thunk_loop, lambda i, y: y * 0.5 + 1.0, v)
+
+    small = jax.device_put(jnp.ones((n, 8), jnp.float32), sharded)
+    thunk_s = _timed(jax.jit(tiny_loop, out_shardings=sharded), small) / (2 * thunk_loop)
+    cpu = devices[0].platform == "cpu"
     return Hardware(flops_per_s=rate, bandwidth={a: bw for a in MESH_AXES}, latency_s=latency,
-                    shared_host=devices[0].platform == "cpu",
+                    shared_host=cpu, write_bytes_per_s=write_rate if cpu else 0.0, thunk_s=thunk_s if cpu else 0.0,
+                    copy_bytes_per_s=bw * n if cpu and n > 1 else 0.0,
                     source=f"measured on {n} {devices[0].platform} device(s)")

@@ -1,0 +1,152 @@
+"""Curriculum by difficulty (`curriculum.kind=difficulty`): easy training windows first.
+
+Every training window (one row of train.seq_len + 1 tokens, the unit the dataset samples) gets a
+difficulty score once, cached next to the token file:
+
+- `compression`: zlib-compressed size / raw size of the window's token bytes, a cheap proxy of its
+  entropy (repetitive text compresses well and is easy);
+- `rarity`: the mean unigram surprisal -log p(token) of its tokens, p counted over the training windows
+  (DeepSpeed's "vocabulary rarity" metric, Li et al., arXiv 2108.06084 / DeepSpeed data efficiency).
+
+Pacing is DeepSpeed's percentile form: step s draws from the easiest pct(s) percent of the windows,
+
+    pct(s) = fixed_root(s, curriculum.steps, curriculum.start_percentile, 100, 1, degree)  (data/curriculum.py)
+
+with degree 1 for fixed_linear. Rows of batch i are windows order[u], u drawn uniformly from
+[0, pool(i+1)) by a generator seeded by (train.seed, i), where order sorts the windows by score (stable)
+and pool(s) = ceil(pct(s) / 100 * windows). So batch i is a pure function of (seed, data, curriculum
+config, i) and a resumed run reads the same batches bitwise (no other state). From pct = 100 on, the
+batches are the dataset's usual ones. Evaluation is untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from picotron_jax.callback import Callback
+from picotron_jax.config import Config, CurriculumConfig
+from picotron_jax.data.curriculum import fixed_root
+from picotron_jax.data.loader import place_rows
+from picotron_jax.errors import UserError
+
+_SALT = 0x63757272  # "curr": the row draw's generator differs from the dataset's epoch permutations
+
+
+def window_tokens(ds: Any, w: np.ndarray) -> np.ndarray:
+    """[len(w), seq_len + 1] tokens of training windows `w`."""
+    return ds.take(np.asarray(w, np.int64)[:, None] * ds.seq_len + np.arange(ds.seq_len + 1))
+
+
+def score_windows(ds: Any, metric: str, chunk: int = 4096) -> np.ndarray:
+    """Difficulty of each of the dataset's training windows, float64 [num_sequences] (higher: harder)."""
+    n = ds.num_sequences
+    out = np.empty(n, np.float64)
+    if metric == "compression":
+        for lo in range(0, n, chunk):
+            rows = window_tokens(ds, np.arange(lo, min(lo + chunk, n)))
+            out[lo:lo + len(rows)] = [len(zlib.compress(r.tobytes(), 6)) / r.nbytes for r in rows]
+        return out
+    if metric == "rarity":
+        counts = np.zeros(ds.vocab_size, np.int64)
+        for lo in range(0, n, chunk):
+            counts += np.bincount(window_tokens(ds, np.arange(lo, min(lo + chunk, n))).reshape(-1),
+                                  minlength=ds.vocab_size)[: ds.vocab_size]
+        surprisal = -np.log(np.maximum(counts, 1) / counts.sum())
+        for lo in range(0, n, chunk):
+            out[lo:lo + min(chunk, n - lo)] = surprisal[window_tokens(ds, np.arange(lo, min(lo + chunk, n)))].mean(1)
+        return out
+    raise UserError(f"config field 'curriculum.metric' = {metric!r}: valid values are compression, rarity")
+
+
+def cached_scores(ds: Any, metric: str) -> np.ndarray:
+    """score_windows, computed once per (token file, metric, seq_len) and kept next to the token file
+    (written to a temporary name and renamed; an unwritable folder just recomputes next time)."""
+    path = Path(ds.path)
+    cache = path.with_name(f"{path.stem}.difficulty-{metric}-T{ds.seq_len}-N{ds.num_sequences}.npy")
+    if cache.is_file():
+        scores = np.load(cache)
+        if scores.shape == (ds.num_sequences,):
+            return scores
+    scores = score_windows(ds, metric)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, scores)
+        tmp.replace(cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return scores
+
+
+class DifficultyCurriculum:
+    """Which windows step s may draw from, and the batches drawn from them."""
+
+    def __init__(self, c: CurriculumConfig, scores: np.ndarray, seed: int):
+        self.c, self.seed = c, seed
+        self.scores = np.asarray(scores, np.float64)
+        self.order = np.argsort(self.scores, kind="stable")  # easiest first
+
+    def percentile(self, step: int) -> int:
+        """pct(s): the share of windows (percent, easiest first) step `step` (1-based) draws from."""
+        c = self.c
+        degree = 1 if c.pacing == "fixed_linear" else c.root_degree
+        return fixed_root(min(step, c.steps), c.steps, c.start_percentile, 100, 1, degree)
+
+    def pool(self, step: int) -> int:
+        return max(1, math.ceil(self.percentile(step) / 100 * len(self.order)))
+
+    def windows(self, index: int, batch: int) -> np.ndarray:
+        """The windows of batch `index` (trained on by step index + 1), [batch]."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed % (1 << 64), _SALT, index]))
+        return self.order[rng.integers(0, self.pool(index + 1), batch)]
+
+    def read(self, ds: Any, index: int, batch: int, sharding: Any) -> dict:
+        if self.percentile(index + 1) >= 100:
+            return place_rows(lambda rows: ds.batch_rows(index, batch, rows), batch, ds.seq_len, sharding)
+        chosen = self.windows(index, batch)
+
+        def read_rows(rows: np.ndarray) -> dict[str, np.ndarray]:
+            tokens = window_tokens(ds, chosen[rows]).astype(np.int32)
+            return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                    "mask": np.ones((len(rows), ds.seq_len), np.float32)}
+
+        return place_rows(read_rows, batch, ds.seq_len, sharding)
+
+
+class DifficultyWarmup(Callback):
+    """The loop callback: reads every training batch from its step's pool; logs the stage in each row
+    (`curriculum_percentile` = pct(s), `difficulty_max` = the hardest score the pool holds)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.curriculum: DifficultyCurriculum | None = None
+
+    def _build(self, ds: Any) -> DifficultyCurriculum:
+        if self.curriculum is None:
+            if not all(hasattr(ds, a) for a in ("take", "num_sequences", "path")):
+                raise UserError("config field 'curriculum.kind' = 'difficulty': needs a local token file "
+                                f"dataset (data.source a corpus or .jsonl/.parquet), not {type(ds).__name__}; "
+                                "use curriculum.kind=seqlen with this data")
+            self.curriculum = DifficultyCurriculum(self.cfg.curriculum, cached_scores(ds, self.cfg.curriculum.metric),
+                                                   self.cfg.train.seed)
+        return self.curriculum
+
+    def wrap_batches(self, read: Callable[[int], Any]) -> Callable[[int], Any]:
+        run = getattr(read, "__self__", None)  # the Run whose `batch` this replaces (the first wrapper)
+        if run is None or not hasattr(run, "dataset"):
+            raise RuntimeError("DifficultyWarmup must wrap Run.batch directly: it is the first loop callback")
+        batch, sharding = self.cfg.train.global_batch, run.rules.batch_sharding()
+        cur = self._build(run._data())
+        return lambda index: cur.read(run._data(), index, batch, sharding)
+
+    def on_log(self, trainer: Any, row: dict) -> None:
+        if row.get("kind") == "train" and self.curriculum is not None:
+            cur, step = self.curriculum, row["step"]
+            row["curriculum_percentile"] = cur.percentile(step)
+            row["difficulty_max"] = float(cur.scores[cur.order[cur.pool(step) - 1]])
