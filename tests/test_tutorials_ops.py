@@ -1,0 +1,99 @@
+"""The graders of lessons 10-15 (picotron_jax/tutorials/operations.py, scale.py): each lesson's reference
+answer passes and at least three seeded wrong answers are rejected with the failed property named."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from picotron_jax.tutorials import ExerciseFailed, Passed, operations
+from test_tutorials import rejected
+
+
+def spike_limit(values, mads, min_rel):
+    if len(values) < 8:
+        return math.inf
+    v = np.asarray(values)
+    med = np.median(v)
+    return max(med + mads * 1.4826 * np.median(np.abs(v - med)), (1 + min_rel) * med)
+
+
+def test_10_spike_threshold():
+    from picotron_jax.observe.monitor import RobustWindow
+
+    rng = np.random.default_rng(3)  # a falling noisy loss with one corrupted batch at step 13
+    losses = list(5.5 - 0.06 * np.arange(1, 15) + 0.03 * rng.standard_normal(14))
+    losses[12] = 6.0
+    knobs = dict(window=8, warmup=4, mads=4.0, min_rel=0.1)
+    window, flagged = RobustWindow(8, 4.0, 0.1), []
+    for step, loss in enumerate(losses, 1):
+        if step > 4 and loss > window.limit():
+            flagged.append(step)
+        else:
+            window.values.append(loss)
+    assert flagged == [13]
+    assert isinstance(operations.check_spike_limit(spike_limit, losses, 13, **knobs), Passed)
+
+    def std_rule(v, m, r):  # the standard deviation instead of the MAD
+        return math.inf if len(v) < 8 else max(np.median(v) + m * np.std(v), (1 + r) * np.median(v))
+
+    def no_sigma(v, m, r):  # MAD not scaled to a standard deviation
+        return math.inf if len(v) < 8 else max(np.median(v) + m * np.median(np.abs(v - np.median(v))),
+                                               (1 + r) * np.median(v))
+
+    def no_floor(v, m, r):  # no relative floor: a flat loss flags any rise
+        return math.inf if len(v) < 8 else np.median(v) + m * 1.4826 * np.median(np.abs(v - np.median(v)))
+
+    rejected(operations.check_spike_limit, std_rule, "equals the monitor's", losses, 13, *knobs.values())
+    rejected(operations.check_spike_limit, no_sigma, "equals the monitor's", losses, 13, *knobs.values())
+    rejected(operations.check_spike_limit, no_floor, "equals the monitor's", losses, 13, *knobs.values())
+    rejected(operations.check_spike_limit, lambda v, m, r: spike_limit(v + [0.0] * 8, m, r) if len(v) < 8
+             else spike_limit(v, m, r), "threshold on only 5 values", losses, 13, *knobs.values())
+    with pytest.raises(ExerciseFailed, match="flags exactly"):
+        operations.check_spike_limit(spike_limit, losses, 12, **knobs)  # the graded run's alert is the truth
+
+
+@pytest.fixture(scope="module")
+def desynced():
+    """Parameters replicated over data=4 (a norm vector and a matrix, no model built), with one element of
+    data replica 1's copy of layers.wq moved by one ulp by the fault injector's flip."""
+    from types import SimpleNamespace
+
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from picotron_jax.config import MeshConfig
+    from picotron_jax.debug.consistency import ReplicaCheck
+    from picotron_jax.faults import flip_one_ulp
+    from picotron_jax.mesh import build_mesh
+
+    mesh = build_mesh(MeshConfig(data=4), jax.devices()[:4])
+    rng = np.random.default_rng(0)
+    params = {name: jax.device_put(rng.standard_normal(shape).astype(np.float32), NamedSharding(mesh, P()))
+              for name, shape in (("norm", (32,)), ("wq", (32, 64)))}
+    params, _ = flip_one_ulp({"layers": params}, "layers.wq", 1, mesh)
+    state = SimpleNamespace(params=params, opt_state={})
+    return state, ReplicaCheck(every=1).check(state, 1)
+
+
+def test_11_replica_fingerprint(desynced):
+    state, message = desynced
+    assert message.startswith("replicas diverged: params.layers.wq")
+    shard = np.asarray(state.params["layers"]["wq"].addressable_shards[0].data)
+
+    def right(x):
+        u = np.ascontiguousarray(x, np.float32).reshape(-1).view(np.uint32).astype(np.uint64)
+        w = np.arange(u.size, dtype=np.uint64) * np.uint64(2654435761) + np.uint64(1)
+        return [int(u.sum() % 2**32), int((u * w).sum() % 2**32)]
+
+    assert isinstance(operations.check_fingerprint(right, shard, state, message), Passed)
+    assert isinstance(operations.check_fingerprint(operations.fingerprint_of, shard, state, message), Passed)
+    rejected(operations.check_fingerprint, lambda x: [float(np.sum(x))], "one-ulp change", shard, state, message)
+    rejected(operations.check_fingerprint, lambda x: right(x)[:1], "swapping two elements", shard, state, message)
+    rejected(operations.check_fingerprint, lambda x: np.asarray(x).reshape(-1).view(np.uint32), "only a fingerprint",
+             shard, state, message)
+    rejected(operations.check_fingerprint, lambda x: [x.shape[0], int(np.argmax(x))], "one-ulp change", shard,
+             state, message)
