@@ -97,3 +97,46 @@ def test_11_replica_fingerprint(desynced):
              shard, state, message)
     rejected(operations.check_fingerprint, lambda x: [x.shape[0], int(np.argmax(x))], "one-ulp change", shard,
              state, message)
+
+
+def test_12_fewest_shard_reads():
+    from collections import OrderedDict
+
+    from picotron_jax.tutorials import scale
+
+    def belady(accesses, capacity, bypass=True):
+        following, last = [0] * len(accesses), {}
+        for pos in range(len(accesses) - 1, -1, -1):
+            following[pos], last[accesses[pos]] = last.get(accesses[pos], math.inf), pos
+        held, reads = {}, 0
+        for pos, shard in enumerate(accesses):
+            if shard not in held:
+                reads += 1
+                if len(held) >= capacity:
+                    far = max(held, key=held.get)
+                    if bypass and held[far] <= following[pos]:
+                        continue
+                    del held[far]
+            held[shard] = following[pos]
+        return reads
+
+    def lru(accesses, capacity):
+        cache, reads = OrderedDict(), 0
+        for sh in accesses:
+            if sh in cache:
+                cache.move_to_end(sh)
+                continue
+            reads += 1
+            cache[sh] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+        return reads
+
+    run = [int(x) for x in np.random.default_rng(1).integers(0, 12, 200)]
+    best = scale.fewest_reads(run, 4)
+    assert best == belady(run, 4) < lru(run, 4)  # the exhaustive search agrees with Belady-with-bypass
+    assert isinstance(scale.check_fewest_reads(belady, run, 4, best), Passed)
+    rejected(scale.check_fewest_reads, lru, "the fewest reads", run, 4, best)
+    rejected(scale.check_fewest_reads, lambda a, c: belady(a, c, bypass=False), "the fewest reads", run, 4, best)
+    rejected(scale.check_fewest_reads, lambda a, c: len(set(a)), "the fewest reads", run, 4, best)  # cold misses
+    rejected(scale.check_fewest_reads, belady, "between your minimum and 1.1x", run, 4, best - 1)
