@@ -140,3 +140,27 @@ def test_12_fewest_shard_reads():
     rejected(scale.check_fewest_reads, lambda a, c: belady(a, c, bypass=False), "the fewest reads", run, 4, best)
     rejected(scale.check_fewest_reads, lambda a, c: len(set(a)), "the fewest reads", run, 4, best)  # cold misses
     rejected(scale.check_fewest_reads, belady, "between your minimum and 1.1x", run, 4, best - 1)
+
+
+def test_13_layout_count():
+    from picotron_jax.tutorials import scale
+    from picotron_jax.tune.space import count_factorisations
+
+    assert isinstance(scale.check_layout_count(count_factorisations), Passed)
+    rejected(scale.check_layout_count, lambda n, k: math.comb(n + k - 1, k - 1),  # n balls, not its prime factors
+             "layouts of 8 devices over 5")
+    rejected(scale.check_layout_count, lambda n, k: k ** round(math.log2(n)), "layouts of 8 devices over 5")  # axes x choices
+    rejected(scale.check_layout_count, lambda n, k: sum(1 for d in range(1, n + 1) if n % d == 0) ** (k - 1),
+             "layouts of 8 devices over 5")  # independent divisors, product not kept
+
+    def forgets_the_last_prime(n, k):  # stops at sqrt(n) without counting the prime left over
+        total, p = 1, 2
+        while p * p <= n:
+            a = 0
+            while n % p == 0:
+                n, a = n // p, a + 1
+            total *= math.comb(a + k - 1, k - 1)
+            p += 1
+        return total
+
+    rejected(scale.check_layout_count, forgets_the_last_prime, "layouts of 12 devices over 3")
