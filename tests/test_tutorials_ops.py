@@ -164,3 +164,65 @@ def test_13_layout_count():
         return total
 
     rejected(scale.check_layout_count, forgets_the_last_prime, "layouts of 12 devices over 3")
+
+
+def test_14_curriculum_length():
+    import picotron_jax as pj
+    from picotron_jax.data.curriculum import Curriculum
+    from picotron_jax.tutorials import scale
+
+    c = pj.load_config("single", ["train.seq_len=32", "curriculum.kind=seqlen", "curriculum.start_seq_len=8",
+                                  "curriculum.steps=6", "curriculum.seq_len_step=8"]).curriculum
+    rows = [{"step": s, "seq_len": Curriculum(c, 32).length(s)} for s in range(1, 9)]  # what the run logs
+    assert [r["seq_len"] for r in rows] == [8, 16, 16, 16, 16, 32, 32, 32]
+
+    def right(step, c, T):
+        return Curriculum(c, T).length(step)
+
+    def pacing_only(step, c, T):  # the pacing value, not snapped to a bucket dividing seq_len
+        degree = 1 if c.pacing == "fixed_linear" else c.root_degree
+        d = math.floor((min(step, c.steps) / c.steps) ** (1 / degree) * (T - c.start_seq_len) + c.start_seq_len)
+        return min(d - d % c.seq_len_step, T)
+
+    def linear_always(step, c, T):  # ignores fixed_root
+        return right(step, c.__class__(**{**c.__dict__, "pacing": "fixed_linear"}), T)
+
+    def no_cap(step, c, T):  # keeps growing past curriculum.steps
+        return right(step, c, T) if step <= c.steps else 2 * T
+
+    assert isinstance(scale.check_seq_len(right, rows, c, 32), Passed)
+    rejected(scale.check_seq_len, pacing_only, "length at step", rows, c, 32)
+    rejected(scale.check_seq_len, linear_always, "fixed_root", rows, c, 32)
+    rejected(scale.check_seq_len, no_cap, "length at step 101", rows, c, 32)
+    bad_rows = [{**r, "seq_len": 32} for r in rows]  # a run that did not warm up at all
+    rejected(scale.check_seq_len, right, "the seq_len the notebook's run logged", bad_rows, c, 32)
+
+
+def test_15_maml_inner_loop():
+    import jax
+    import jax.numpy as jnp
+
+    from picotron_jax.meta.sine import init_mlp, mse, sample_tasks
+    from picotron_jax.tutorials import scale
+
+    task = jax.tree.map(lambda a: jnp.asarray(a[0]), sample_tasks(7, 0, 1, 10, 10))
+    theta = init_mlp(0, 8)
+    args = (mse, theta, task["support"], task["query"])
+
+    def right(loss_fn, th, support, lr, steps):
+        for _ in range(steps):
+            g = jax.grad(loss_fn)(th, support)
+            th = jax.tree.map(lambda p, gp: p - lr * gp, th, g)
+        return th
+
+    def first_order(loss_fn, th, support, lr, steps):  # FOMAML: the gradient is stopped
+        for _ in range(steps):
+            g = jax.lax.stop_gradient(jax.grad(loss_fn)(th, support))
+            th = jax.tree.map(lambda p, gp: p - lr * gp, th, g)
+        return th
+
+    assert isinstance(scale.check_adapt(right, *args), Passed)
+    rejected(scale.check_adapt, first_order, "meta-gradient", *args)
+    rejected(scale.check_adapt, lambda f, th, s, lr, n: right(f, th, s, lr, n - 1), "after 2 inner steps", *args)
+    rejected(scale.check_adapt, lambda f, th, s, lr, n: right(f, th, s, -lr, n), "after 2 inner steps", *args)
+    rejected(scale.check_adapt, lambda f, th, s, lr, n: jax.tree.leaves(right(f, th, s, lr, n)), "structure", *args)
