@@ -66,10 +66,9 @@ except pj.UserError as e:
 # the devices. The fault injector moves one element of `layers.wq` by one ulp on data replica 1 after step 2.
 
 # %%
-cfg = pj.load_config("single", [*TINY, "mesh.num_devices=4", "mesh.data=4", "train.steps=3",
-                                "debug.check_every=1", "faults.flip_step=2", "faults.flip_array=layers.wq",
-                                "faults.flip_replica=1"])
-trainer = pj.Trainer(cfg)
+cfg = pj.load_config("single", [*TINY, "mesh.num_devices=4", "mesh.data=4", "train.steps=3", "faults.flip_step=2",
+                                "faults.flip_array=layers.wq", "faults.flip_replica=1"])
+trainer = pj.Trainer(cfg, callbacks=[ReplicaCheck(every=1)])  # what the setting above with N = 1 adds
 try:
     trainer.run()
 except pj.RunAborted as e:
