@@ -24,14 +24,17 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/picotron-jax train --config meshes/default.yaml
 
+# Two pytest-xdist workers: most of a test is single-threaded XLA compilation, so two share the 2 cores well.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m slow
 
 test-notebooks: $(STAMP)
-	$(BIN)/python -m pytest -q -m notebooks
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m notebooks
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pip install --quiet jupyterlab

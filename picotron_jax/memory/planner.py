@@ -37,7 +37,7 @@ class Candidate:
 def candidate_space(cfg: Config, num_devices: int, remats: Iterable[str] | None = None,
                     accums: Iterable[int] | None = None, zeros: Iterable[int] | None = None) -> list[tuple]:
     """(remat, grad_accum, zero_stage) triples that are valid for this mesh and batch (config validation
-    decides: MoE models and pipelines take no remat policy, pipelines no grad_accum)."""
+    decides: e.g. pipelines take no grad_accum, MoE models no per-layer remat segments)."""
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     batch_ways = sizes["data"] * sizes["expert"]
     B = cfg.train.global_batch
@@ -46,7 +46,7 @@ def candidate_space(cfg: Config, num_devices: int, remats: Iterable[str] | None 
     if zeros is None:
         zeros = (0, 1, 3) if sizes["data"] > 1 else (0,)  # without a data axis the stages are the same program
     space = [(r, m, z) for r in (remats or DEFAULT_REMATS) for m in accums for z in zeros]
-    return [c for c in space if _is_valid(configured(cfg, *c), num_devices)]  # e.g. MoE and pipelines: no remat
+    return [c for c in space if _is_valid(configured(cfg, *c), num_devices)]  # e.g. pipelines: no grad_accum
 
 
 def _is_valid(cfg: Config, num_devices: int) -> bool:
