@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import jax
@@ -17,6 +16,7 @@ from picotron_jax.data.prepare import prepare_store
 from picotron_jax.data.store import TokenStore
 from picotron_jax.data.store_dataset import StoreDataset
 from picotron_jax.errors import UserError
+from picotron_jax.tutorials.scale import lru_reads
 
 SHARD = 1000  # tokens per shard; 40 shards
 NB = 2 * SHARD  # bytes per shard (uint16 tokens)
@@ -68,20 +68,6 @@ def belady_fetches(accesses: list[int], capacity: int) -> int:
     return fetches
 
 
-def lru_fetches(accesses: list[int], capacity: int) -> int:
-    cache: OrderedDict[int, None] = OrderedDict()
-    fetches = 0
-    for sh in accesses:
-        if sh in cache:
-            cache.move_to_end(sh)
-            continue
-        fetches += 1
-        cache[sh] = None
-        if len(cache) > capacity:
-            cache.popitem(last=False)
-    return fetches
-
-
 def test_belady_eviction_is_near_optimal_where_lru_refetches_everything(store_path, tmp_path):
     ds = dataset(store_path, tmp_path, disk_shards=4)  # 10% of the 40 shards 
     B = 4
@@ -93,7 +79,7 @@ def test_belady_eviction_is_near_optimal_where_lru_refetches_everything(store_pa
         assert l2_bytes(tmp_path) <= 4 * NB
     fetched = ds.cache.stats["bytes_fetched"]
     best = belady_fetches(accesses, 4) * NB
-    lru = lru_fetches(accesses, 4) * NB
+    lru = lru_reads(accesses, 4) * NB
     print(f"bytes fetched {fetched}, Belady minimum {best}, LRU {lru}, accesses x shard {len(accesses) * NB}")
     assert fetched <= 1.1 * best
     assert lru >= 0.85 * len(accesses) * NB and fetched < 0.85 * lru  # LRU misses nearly every access

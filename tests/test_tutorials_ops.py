@@ -100,8 +100,6 @@ def test_11_replica_fingerprint(desynced):
 
 
 def test_12_fewest_shard_reads():
-    from collections import OrderedDict
-
     from picotron_jax.tutorials import scale
 
     def belady(accesses, capacity, bypass=True):
@@ -120,23 +118,11 @@ def test_12_fewest_shard_reads():
             held[shard] = following[pos]
         return reads
 
-    def lru(accesses, capacity):
-        cache, reads = OrderedDict(), 0
-        for sh in accesses:
-            if sh in cache:
-                cache.move_to_end(sh)
-                continue
-            reads += 1
-            cache[sh] = None
-            if len(cache) > capacity:
-                cache.popitem(last=False)
-        return reads
-
     run = [int(x) for x in np.random.default_rng(1).integers(0, 12, 200)]
     best = scale.fewest_reads(run, 4)
-    assert best == belady(run, 4) < lru(run, 4)  # the exhaustive search agrees with Belady-with-bypass
+    assert best == belady(run, 4) < scale.lru_reads(run, 4)  # the exhaustive search agrees with Belady-with-bypass
     assert isinstance(scale.check_fewest_reads(belady, run, 4, best), Passed)
-    rejected(scale.check_fewest_reads, lru, "the fewest reads", run, 4, best)
+    rejected(scale.check_fewest_reads, scale.lru_reads, "the fewest reads", run, 4, best)
     rejected(scale.check_fewest_reads, lambda a, c: belady(a, c, bypass=False), "the fewest reads", run, 4, best)
     rejected(scale.check_fewest_reads, lambda a, c: len(set(a)), "the fewest reads", run, 4, best)  # cold misses
     rejected(scale.check_fewest_reads, belady, "between your minimum and 1.1x", run, 4, best - 1)

@@ -17,7 +17,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
 import tempfile
-from collections import OrderedDict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -77,20 +76,7 @@ fetches = ds.cache.stats["fetches"]
 ds.close()
 
 
-def lru_reads(accesses, capacity):
-    cache, reads = OrderedDict(), 0
-    for sh in accesses:
-        if sh in cache:
-            cache.move_to_end(sh)
-            continue
-        reads += 1
-        cache[sh] = None
-        if len(cache) > capacity:
-            cache.popitem(last=False)
-    return reads
-
-
-lru = lru_reads(accesses, capacity)
+lru = scale.lru_reads(accesses, capacity)
 print(f"{len(accesses)} shard reads asked; the cache fetched {fetches}, LRU would fetch {lru}")
 fig, ax = plt.subplots(figsize=(5, 2.6))
 ax.bar(["asked", "LRU", "this cache"], [len(accesses), lru, fetches])

@@ -5,6 +5,8 @@ learner's adapted parameters and meta-gradient)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from picotron_jax.tutorials.grading import Checker, Passed
@@ -29,6 +31,22 @@ def fewest_reads(accesses: list[int], capacity: int) -> int:
                     nxt[o] = cost_now
         costs = nxt
     return min(costs.values())
+
+
+def lru_reads(accesses: list[int], capacity: int) -> int:
+    """Store reads of a least-recently-used cache of `capacity` shards: what the shard cache's Belady eviction
+    is compared against (the lesson, its grader tests and tests/test_data_cache.py)."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    reads = 0
+    for shard in accesses:
+        if shard in cache:
+            cache.move_to_end(shard)
+            continue
+        reads += 1
+        cache[shard] = None
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+    return reads
 
 
 def _sequences(seed: int = 0) -> list[tuple[str, list[int], int]]:
