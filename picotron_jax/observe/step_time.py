@@ -8,8 +8,8 @@ and last of the run's callbacks (callbacks.py), so the other callbacks' time is 
 Classes (seconds of the host thread's wall time):
 
 * `data`: waiting for the next batch (the prefetch thread had not read it yet);
-* `device`: dispatching the step and waiting for the device (the loop syncs at logged rows; the time of
-  unlogged steps shows up at the next sync) — the productive class;
+* `device`: dispatching the step and waiting for the device (the clock waits for each step's outputs at its
+  end, as the monitor's detectors do every `monitor.check_every` steps anyway) — the productive class;
 * `host`: the callbacks (log line, sinks, detectors, the fault injector's sleeps, ...);
 * `checkpoint`: training blocked by a checkpoint save, a restore (rewinds), and the end of a run (its
   final save and the wait for asynchronous saves);
@@ -190,6 +190,9 @@ class ClockStart(Callback):
         self.c.charge("eval")
 
     def on_step_end(self, trainer, step, outputs):
+        # wait for the step here: a callback that reads its outputs (the monitor's detectors, every
+        # monitor.check_every steps) would otherwise have the device's time charged to `host`
+        jax.block_until_ready(outputs)
         self.c.charge("device")
 
     def on_checkpoint(self, trainer, step, path):
