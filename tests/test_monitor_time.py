@@ -5,7 +5,10 @@ resumes (the rewind's redone step and the classes summing to wall time: tests/te
 from __future__ import annotations
 
 import json
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,3 +76,25 @@ def test_the_straggler_rule_names_the_slow_process_of_the_newest_step_every_proc
     assert find_straggler(tmp_path, 3, 3.0, 0.05, after=0)[:2] == (1, None)  # process 2 has only step 1: judged
     assert find_straggler(tmp_path, 3, 3.0, 0.05, after=1) is None  # nothing new every process wrote
     assert find_straggler(tmp_path, 2, 3.0, 1.0, after=0)[1] is None  # below straggler_min_s: noise
+
+
+def test_the_device_time_a_callback_waits_for_is_charged_to_device_not_host():
+    """The step is dispatched asynchronously; a later callback that reads its outputs (as the monitor does)
+    must not be charged the device's time: the clock waits for the outputs first."""
+    @jax.jit
+    def slow(x_NN):  # a few hundred ms of matmuls on the CPU
+        return jax.lax.fori_loop(0, 40, lambda _, y: jnp.tanh(y @ x_NN), x_NN).sum()
+
+    x = jnp.ones((512, 512), jnp.float32) / 512
+    slow(x).block_until_ready()  # compiled
+    t0 = time.perf_counter()
+    slow(x).block_until_ready()
+    step_s = time.perf_counter() - t0
+    clock = StepClock(None)
+    clock.mark = time.perf_counter()
+    clock.step = 1
+    outputs = {"loss": slow(x)}  # dispatched, not finished
+    clock.first.on_step_end(None, 1, outputs)
+    jax.device_get(outputs)  # the monitor's read: nothing left to wait for
+    clock.charge("host")
+    assert clock.ledger["device"] >= 0.5 * step_s and clock.ledger["host"] < 0.25 * step_s, (clock.ledger, step_s)
