@@ -8,6 +8,8 @@ the suite loudly.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 
 
@@ -18,6 +20,17 @@ class CompatError(RuntimeError):
 def _fail(api: str, why: str) -> CompatError:
     return CompatError(f"{api}: {why} (jax {jax.__version__}); picotron_jax/compat.py needs updating for this "
                        f"version (see pyproject.toml for the versions it is tested with)")
+
+
+def _private(module: str, name: str):
+    """`jax._src.<module>.<name>`, or a CompatError naming it when the module or the name has gone."""
+    try:
+        found = getattr(importlib.import_module(f"jax._src.{module}"), name, None)
+    except ImportError as e:
+        raise _fail(f"jax._src.{module}", f"cannot import it ({e})") from None
+    if found is None:
+        raise _fail(f"jax._src.{module}.{name}", "missing")
+    return found
 
 
 def varying_axes(x) -> frozenset[str]:
@@ -38,14 +51,10 @@ def distributed_state():
     """JAX's multi-process state after `jax.distributed.initialize()`: `jax._src.distributed.global_state`,
     whose `client` is the coordination service (key-value store, barriers) and `process_id`,
     `num_processes`, `coordinator_address` what it was started with. JAX has no public API for these."""
-    try:
-        from jax._src import distributed as jax_distributed
-    except ImportError as e:
-        raise _fail("jax._src.distributed", f"cannot import it ({e})") from None
-    state = getattr(jax_distributed, "global_state", None)
+    state = _private("distributed", "global_state")
     missing = [a for a in ("client", "process_id", "num_processes", "coordinator_address") if not hasattr(state, a)]
-    if state is None or missing:
-        raise _fail("jax._src.distributed.global_state", f"missing {', '.join(missing) or 'global_state'}")
+    if missing:
+        raise _fail("jax._src.distributed.global_state", f"missing {', '.join(missing)}")
     return state
 
 
@@ -64,24 +73,10 @@ def distributed_client():
 def backends_are_initialized() -> bool:
     """Whether JAX's backends have started (allocator settings read from the environment are fixed then):
     `jax._src.xla_bridge.backends_are_initialized()`."""
-    try:
-        from jax._src import xla_bridge
-    except ImportError as e:
-        raise _fail("jax._src.xla_bridge", f"cannot import it ({e})") from None
-    started = getattr(xla_bridge, "backends_are_initialized", None)
-    if started is None:
-        raise _fail("jax._src.xla_bridge.backends_are_initialized", "missing")
-    return bool(started())
+    return bool(_private("xla_bridge", "backends_are_initialized")())
 
 
 def user_frame(traceback):
     """The innermost frame of user code (not JAX's) in a jaxpr equation's traceback, or None:
     `jax._src.source_info_util.user_frame` (file_name, start_line)."""
-    try:
-        from jax._src import source_info_util
-    except ImportError as e:
-        raise _fail("jax._src.source_info_util", f"cannot import it ({e})") from None
-    find = getattr(source_info_util, "user_frame", None)
-    if find is None:
-        raise _fail("jax._src.source_info_util.user_frame", "missing")
-    return find(traceback)
+    return _private("source_info_util", "user_frame")(traceback)
