@@ -10,6 +10,8 @@ Events, in the order they fire (`step` is the number of optimizer steps done, 1-
     on_run_start(trainer)                      each `Trainer.run()`, before its first step
       per step:
         on_step_start(trainer, step)           before step `step` is dispatched (host only)
+        on_step_dispatched(trainer, step, outputs)  right after the dispatch, before anything waits for
+                                               the step: device work queued here runs behind it (never sync)
         on_log(trainer, row)                   logging steps: `row` is a dict of plain numbers
         on_eval(trainer, row)                  evaluation steps: eval_loss, eval_ppl, eval_tokens
         on_step_end(trainer, step, outputs)    `outputs`: the step's metrics as *device* arrays
@@ -42,6 +44,9 @@ class Callback:
     def on_step_start(self, trainer: Any, step: int) -> None:
         pass
 
+    def on_step_dispatched(self, trainer: Any, step: int, outputs: dict) -> None:
+        pass
+
     def on_log(self, trainer: Any, row: dict) -> None:
         pass
 
@@ -64,7 +69,7 @@ class Callback:
         return read
 
 
-EVENTS = ("on_run_start", "on_step_start", "on_log", "on_eval", "on_step_end", "on_checkpoint", "on_run_end",
+EVENTS = ("on_run_start", "on_step_start", "on_step_dispatched", "on_log", "on_eval", "on_step_end", "on_checkpoint", "on_run_end",
           "on_close")
 
 

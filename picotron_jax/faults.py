@@ -169,9 +169,13 @@ class FaultInjector(Callback):
         c = self.cfg
         return self.here and c.sleep_step > 0 and c.sleep_s > 0 and c.sleep_phase == phase
 
-    def on_step_end(self, trainer, step, outputs):
+    def on_step_dispatched(self, trainer, step, outputs):
+        # queued behind the running step: XLA:CPU runs a host callback whose inputs are ready inline, in
+        # the dispatching thread, so after any wait for the step the sleep would stall the host instead
         if self._late_device is not None and self._sleeping(step + 1, "device"):  # the next step starts late there
             _replace(trainer, lambda st: st.replace(step=late_on_device(st.step, self._late_device, self.cfg.sleep_s)))
+
+    def on_step_end(self, trainer, step, outputs):
         if self._collapsing(step + 1):  # replaced after this step's events: the next step runs collapsed
             _replace(trainer, lambda st: st.replace(params=collapse_routers(st.params)))
             if step + 1 == self.cfg.moe_collapse_step:

@@ -115,6 +115,7 @@ class Trainer(session.Session):
         self._flag.in_step = True
         self.state, outputs = self.built.step(self.state, batch, number)
         self.step_count, self.last_outputs = number, outputs
+        self.callbacks.fire("on_step_dispatched", self, number, outputs)  # before any wait for the step
         self._flag.step_stored()  # a second Ctrl-C during the step raises here, with the state stored
         if self._sync_every_step:
             jax.block_until_ready(outputs)

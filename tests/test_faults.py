@@ -102,6 +102,22 @@ def test_sleeps_and_slow_reads_take_their_time(tmp_path, capsys):
     assert "fault injected at step 2: process 0 sleeps 0.6s before the step" in capsys.readouterr().out
 
 
+def test_a_late_device_makes_the_next_step_wait_on_the_device_not_the_host(tmp_path):
+    """The late copy is queued behind the running step (on_step_dispatched): the host dispatches on at once and
+    the wait shows in the step (the clock's device time). Queued after a wait for the step, XLA:CPU would run
+    its host callback inline and the sleep would stall the host instead (the profiler's straggler then vanishes)."""
+    trainer = pj.Trainer(tiny("single", "mesh.num_devices=2", "mesh.data=2", "train.steps=4", "logging.every=1",
+                              "faults.sleep_step=2", "faults.sleep_steps=2", "faults.sleep_s=0.5",
+                              "faults.sleep_phase=device", "faults.device=1"), tmp_path)
+    trainer.run()
+    trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    late = [r for r in rows if r.get("kind") == "train" and r["step"] in (2, 3)]
+    assert len(late) == 2
+    for r in late:  # steps 2 and 3 start 0.5 s late on device 1
+        assert r["time_device_s"] >= 0.45 and r["time_host_s"] < 0.2, r
+
+
 def test_one_ulp_flip_on_one_data_parallel_replica():
     trainer = pj.Trainer(tiny("single", "mesh.num_devices=2", "mesh.data=2", "train.steps=2", "faults.flip_step=1",
                               "faults.flip_array=layers.wq", "faults.flip_replica=1"))
