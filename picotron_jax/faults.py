@@ -70,21 +70,32 @@ def flip_one_ulp(params: dict, path: str, replica: int, mesh) -> tuple[dict, str
 _LATE: dict[tuple, Any] = {}
 
 
-def _late_copy(x: jax.Array, seconds: float) -> jax.Array:
-    """`x` (one device's shard), ready `seconds` later: a jitted host callback on x's device sleeps first."""
-    key = (x.shape, str(x.dtype), seconds)
+def _late_copy_program(x: jax.Array, seconds: float):
+    """The compiled copy of `x` (one device's shard) that is ready `seconds` later: a host callback sleeps first."""
+    key = (x.shape, str(x.dtype), seconds, x.devices().pop().id)
     if key not in _LATE:
         def sleep_then_return(value):
             time.sleep(seconds)
             return np.asarray(value)
 
-        _LATE[key] = jax.jit(lambda v: jax.pure_callback(sleep_then_return, jax.ShapeDtypeStruct(v.shape, v.dtype), v))
-    return _LATE[key](x)
+        late = jax.jit(lambda v: jax.pure_callback(sleep_then_return, jax.ShapeDtypeStruct(v.shape, v.dtype), v))
+        _LATE[key] = late.lower(x).compile()
+    return _LATE[key]
 
 
-def late_on_device(arr: jax.Array, device, seconds: float) -> jax.Array:
-    """`arr` with its shard on `device` made ready `seconds` late (the other shards as they are)."""
-    shards = [_late_copy(s.data, seconds) if s.device == device else s.data for s in arr.addressable_shards]
+def late_on_device(arr: jax.Array, device, seconds: float, compile_only: bool = False) -> jax.Array | None:
+    """`arr` with its shard on `device` made ready `seconds` late (the other shards as they are).
+
+    Compile it first (`compile_only=True`, at run start): compiling between a step's dispatch and the
+    copy's would let a short step finish first, and XLA:CPU runs a host callback whose input is ready
+    inline, stalling the host instead of the device."""
+    on_device = [s.data for s in arr.addressable_shards if s.device == device]
+    if not on_device:  # the device holds no part of `arr` (another process's)
+        return None if compile_only else arr
+    program = _late_copy_program(on_device[0], seconds)
+    if compile_only:
+        return None
+    shards = [program(s.data) if s.device == device else s.data for s in arr.addressable_shards]
     return jax.make_array_from_single_device_arrays(arr.shape, arr.sharding, shards)
 
 
@@ -157,6 +168,7 @@ class FaultInjector(Callback):
         c = self.cfg
         if self._sleeping_anywhere("device"):
             self._late_device = trainer.built.devices[c.device]
+            late_on_device(trainer.state.step, self._late_device, c.sleep_s, compile_only=True)
             self._log(trainer, c.sleep_step, f"device {self._late_device.id} starts its step {c.sleep_s:g}s late "
                                              f"for {c.sleep_steps or 'all'} step(s)")
         if self._sleeping_anywhere("data"):
