@@ -359,7 +359,7 @@ class MonitorConfig:
     host_memory_fraction: float = 0.97  # host RAM in use above this fraction; 0 = off
     disk_min_free_gb: float = 1.0  # before a checkpoint save: less free space than this in the run dir; 0 = off
     on_nan: str = "rewind"  # log | alert | skip (inside the step) | rewind | stop; rewind without a checkpoint = stop
-    on_spike: str = "alert"  # log | alert | rewind | stop (loss spike and grad-norm spike)
+    on_spike: str = "alert"  # log | alert | skip (inside the step, windows in the train state) | rewind | stop
     on_throughput: str = "alert"  # log | alert | stop
     on_memory: str = "alert"  # log | alert | stop (device memory, host memory, disk space)
     on_straggler: str = "alert"  # log | alert | stop (multi-process: a process far slower than the others)

@@ -74,8 +74,8 @@ def test_robust_window_flags_a_late_spike_that_megatrons_rule_misses():
 def test_monitor_config_errors_name_the_field():
     with pytest.raises(UserError, match="config field 'monitor.on_nan' = 'reboot': valid actions are"):
         tiny("single", "monitor.on_nan=reboot").validate(1)
-    with pytest.raises(UserError, match="config field 'monitor.on_spike' = 'skip'"):
-        tiny("single", "monitor.on_spike=skip").validate(1)
+    with pytest.raises(UserError, match="config field 'monitor.on_throughput' = 'skip'"):  # spikes and NaN only
+        tiny("single", "monitor.on_throughput=skip").validate(1)
     with pytest.raises(UserError, match="config field 'monitor.window' = 0: must be >= 1"):
         tiny("single", "monitor.window=0").validate(1)
     with pytest.raises(UserError, match="config field 'monitor.webhook_url' = 'localhost:9': must be an http"):

@@ -154,21 +154,14 @@ def apply_hf_model_config(source: list[str], cfg: Config) -> str:
 
 def train_state_from_hf(path: str, cfg: Config, setup: Any) -> Any:
     """A fresh train state (step 0, new optimizer state) whose parameters are the folder's weights."""
-    from picotron_jax.train.state import TrainState
+    from picotron_jax.train.state import state_from_params
 
     _, tensors = _read_hf_folder(Path(path))
     host = hf_to_params(tensors, cfg.model)
     params = jax.tree.map(lambda a, s, sh: jax.device_put(a.astype(s.dtype), sh),
                           host, setup.spec.shapes, setup.shardings.params)
 
-    def create(params):
-        from picotron_jax.train.precision import init_loss_scale
-
-        scale = init_loss_scale(cfg) if setup.abstract.loss_scale is not None else None  # fp16 runs
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
-                          loss_scale=scale)
-
-    return jax.jit(create, out_shardings=setup.shardings)(params)
+    return state_from_params(cfg, setup, params)
 
 
 def load_checkpoint_params(step_dir: Any) -> tuple[dict, Config]:

@@ -85,8 +85,8 @@ def estimate_from_compiled(cfg: Config, compiled: Any, rules: MeshRules, setup: 
     m = compiled.memory_analysis()
     params = bytes_per_device(setup.abstract.params, setup.shardings.params)
     opt = bytes_per_device(setup.abstract.opt_state, setup.shardings.opt_state)
-    other = bytes_per_device((setup.abstract.step, setup.abstract.loss_scale),
-                             (setup.shardings.step, setup.shardings.loss_scale))
+    other = bytes_per_device((setup.abstract.step, setup.abstract.loss_scale, setup.abstract.spike),
+                             (setup.shardings.step, setup.shardings.loss_scale, setup.shardings.spike))
     f32_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), setup.abstract.params)
     grads = bytes_per_device(f32_params, setup.shardings.params)
     argument, output, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes

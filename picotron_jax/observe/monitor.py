@@ -22,8 +22,10 @@ Detectors (each anomaly becomes a row of RUN_DIR/alerts.jsonl through observe/al
   when it starts, again only after it has cleared; the first step of each `run()` is not judged.
 
 Actions (`monitor.on_nan`, `on_spike`, `on_throughput`, `on_memory`, `on_straggler`): `log` (one line), `alert` (banner and
-webhook), `skip` (NaN only: the step itself did not apply the update, decided inside the jitted step,
-train/step.py), `rewind` (restore the newest checkpoint and skip the batches from it up to the bad step;
+webhook), `skip` (NaN and spikes: the step itself did not apply the update, decided inside the jitted step,
+train/step.py; for spikes from the windows kept in the train state, train/spike_guard.py, which replace
+this callback's windows; a skip on a step the host did not check, with `check_every` > 1, is reported at
+the next check), `rewind` (restore the newest checkpoint and skip the batches from it up to the bad step;
 at most `monitor.max_rewinds` per run, then stop; without a checkpoint: stop), `stop` (save a checkpoint
 unless the state is non-finite, then end the run with RunAborted: exit code 4, its message says why).
 """
@@ -105,6 +107,8 @@ class Monitor(Callback):
         self._skip_to: int | None = None  # a rewind is pending: the batch index to continue from
         self._straggler_step = 0  # the newest step the straggler detector has judged
         self.rewinds = 0
+        self._spike_skips = 0  # in-step spike skips reported so far (train/spike_guard.py)
+        self._spike_checked = 0
 
     # -- events ------------------------------------------------------------------------------
     def on_run_start(self, trainer):
@@ -113,6 +117,9 @@ class Monitor(Callback):
         self._judge_from = trainer.step_count + self.m.warmup
         self.rewinds = 0
         self._straggler_step = trainer.step_count + 1  # the first step's interval holds each process's first read
+        spike = getattr(trainer.state, "spike", None)  # skips already counted in a restored state
+        self._spike_skips = int(jax.device_get(spike.skipped)) if spike is not None else 0
+        self._spike_checked = trainer.step_count
 
     def _open_alerts(self, trainer) -> Alerts:
         if self.alerts is None:
@@ -187,6 +194,9 @@ class Monitor(Callback):
                               f"{f' ({where})' if where else ''}: the run diverged; resume from the last checkpoint "
                               f"with a lower optimizer.lr or stronger optimizer.grad_clip")
             return
+        if "spike_skips" in outputs:  # monitor.on_spike=skip: judged inside the step (train/spike_guard.py)
+            self._report_skipped_spikes(trainer, step, outputs)
+            return
         judged = step > self._judge_from
         for kind, value, window in (("loss_spike", loss, self.loss_window), ("grad_spike", grad_norm,
                                                                              self.grad_window)):
@@ -196,6 +206,21 @@ class Monitor(Callback):
                 self._act(trainer, step, kind, f"{name} {value:.4g}", "", window.describe(), self.m.on_spike)
             else:
                 window.values.append(value)
+
+    def _report_skipped_spikes(self, trainer, step: int, outputs: dict) -> None:
+        got = jax.device_get({k: outputs[k] for k in ("loss", "grad_norm", "loss_spike", "grad_spike",
+                                                      "spike_loss_limit", "spike_grad_limit", "spike_skips")})
+        total, here = int(got["spike_skips"]), int(bool(got["loss_spike"]) or bool(got["grad_spike"]))
+        if total - here > self._spike_skips:  # skipped on steps the host did not read (check_every > 1)
+            self._act(trainer, step, "loss_spike", f"{total - here - self._spike_skips} earlier update(s) skipped "
+                      f"as spikes since step {self._spike_checked}", "", "in-step windows", "skip")
+        self._spike_skips, self._spike_checked = total, step
+        for kind, name, value, bound in (("loss_spike", "loss", got["loss"], got["spike_loss_limit"]),
+                                         ("grad_spike", "grad norm", got["grad_norm"], got["spike_grad_limit"])):
+            if bool(got[kind]):
+                self._act(trainer, step, kind, f"{name} {float(value):.4g}", "",
+                          f"{float(bound):.4g} (median + {self.m.spike_mads:g} x 1.4826 x MAD of the last "
+                          f"{self.m.window} values in the train state)", "skip")
 
     def _check_throughput(self, trainer, row: dict) -> None:
         tps = row.get("tokens_per_s", math.nan)

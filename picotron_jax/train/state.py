@@ -22,6 +22,8 @@ from picotron_jax.models.llama import Llama
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.train import precision as mp
 from picotron_jax.train.optimizer import build_optimizer
+from picotron_jax.train.spike_guard import init_spike_state
+from picotron_jax.train.spike_guard import wanted as spike_wanted
 
 
 @flax.struct.dataclass
@@ -30,6 +32,7 @@ class TrainState:
     params: Any  # nested dict of arrays (nnx pure dict)
     opt_state: Any
     loss_scale: Any = None  # fp16: train/precision.py LossScaleState (scale, skipped steps, overflows); else None
+    spike: Any = None  # monitor.on_spike=skip: train/spike_guard.py SpikeState (robust windows); else None
 
 
 @dataclass
@@ -75,10 +78,12 @@ def setup_state(cfg: Config, rules: MeshRules, promoted: tuple[str, ...] = ()) -
     replicated = rules.named(jax.sharding.PartitionSpec())
     policy = mp.resolve_policy(cfg, list(rules.mesh.devices.flat), promoted)
     abstract_scale = jax.eval_shape(lambda: mp.init_loss_scale(cfg)) if policy.loss_scaling else None
+    abstract_spike = jax.eval_shape(lambda: init_spike_state(cfg.monitor.window)) if spike_wanted(cfg) else None
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                           loss_scale=jax.tree.map(lambda _: replicated, abstract_scale))
+                           loss_scale=jax.tree.map(lambda _: replicated, abstract_scale),
+                           spike=jax.tree.map(lambda _: replicated, abstract_spike))
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=spec.shapes, opt_state=abstract_opt,
-                          loss_scale=abstract_scale)
+                          loss_scale=abstract_scale, spike=abstract_spike)
     return StateSetup(spec, tx, schedule, shardings, abstract, policy)
 
 
@@ -90,10 +95,15 @@ def init_params(cfg: Config, setup: StateSetup) -> Any:
 
 
 def init_train_state(cfg: Config, setup: StateSetup) -> TrainState:
-    params = init_params(cfg, setup)
+    return state_from_params(cfg, setup, init_params(cfg, setup))
+
+
+def state_from_params(cfg: Config, setup: StateSetup, params: Any) -> TrainState:
+    """A fresh train state (step 0, a new optimizer state) around `params` laid out by setup.shardings.params."""
 
     def create(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
-                          loss_scale=mp.init_loss_scale(cfg) if setup.abstract.loss_scale is not None else None)
+                          loss_scale=mp.init_loss_scale(cfg) if setup.abstract.loss_scale is not None else None,
+                          spike=init_spike_state(cfg.monitor.window) if setup.abstract.spike is not None else None)
 
     return jax.jit(create, out_shardings=setup.shardings)(params)

@@ -23,7 +23,7 @@ from picotron_jax.parallel.ops import MeshOps
 from picotron_jax.parallel.sharding import MeshRules
 from picotron_jax.models import llama
 from picotron_jax.parallel import zero
-from picotron_jax.train import faults, moe_aux, monitor_stats
+from picotron_jax.train import faults, moe_aux, monitor_stats, spike_guard
 from picotron_jax.train import precision as mp
 from picotron_jax.train.remat import make_layer_stack, stage_layer_stacks
 from picotron_jax.train.state import StateSetup, TrainState
@@ -209,6 +209,13 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
                 params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                  (params, opt_state), (state.params, state.opt_state))
                 metrics = {**metrics, "update_skipped": ~finite}
+        spike = state.spike
+        if spike is not None:  # monitor.on_spike=skip: a spiky step's update is not applied (train/spike_guard.py)
+            spike, spiky, spike_metrics = spike_guard.judge(cfg.monitor, spike, state.step, metrics["loss"],
+                                                            metrics["grad_norm"])
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(spiky, old, new),
+                                             (params, opt_state), (state.params, state.opt_state))
+            metrics = {**metrics, **spike_metrics, "update_skipped": spiky | metrics.get("update_skipped", False)}
         if scaler is not None:  # fp16: skip the update on non-finite gradients, adjust the scale
             finite = mp.all_finite(grads)
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -217,7 +224,8 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
                                           cfg.precision.loss_scale_growth_interval)
             metrics = {**metrics, "loss_scale": scaler.scale, "skipped_steps": scaler.skipped,
                        "module_overflows": scaler.module_overflows}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=scaler), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=scaler,
+                          spike=spike), metrics
 
     replicated = rules.named(P())
     batch_shardings = {k: rules.batch_sharding() for k in ("inputs", "targets", "mask")}
