@@ -85,6 +85,9 @@ def test_the_windows_are_checkpointed_so_a_resumed_run_judges_and_trains_bitwise
         np.testing.assert_array_equal(a, b)
     assert int(second.state.spike.skipped) == int(whole.state.spike.skipped) == 1
     second.close()
+    without = [o for o in SPIKY if o != "monitor.on_spike=skip"]
+    with pytest.raises(UserError, match="monitor.on_spike=skip the spike windows"):
+        pj.Trainer(tiny("single", *without, *ckpt), tmp_path / "parts", resume=True)
 
 
 def test_skip_is_an_action_for_spikes_only_where_the_step_can_take_it():

@@ -105,7 +105,8 @@ def restore_step(step_dir: Any, abstract: Any, shardings: Any, cfg: Config) -> t
     if mismatch:
         raise UserError(f"checkpoint {step_dir} holds other arrays than this run's train state "
                         f"({'; '.join(mismatch)}): it was written with other settings (e.g. precision.mode fp16 adds a loss scale, "
-                        f"moe.bias_update_rate > 0 a router bias). Resume with the checkpoint's settings")
+                        f"moe.bias_update_rate > 0 a router bias, monitor.on_spike=skip the spike windows). Resume with the "
+                        f"checkpoint's settings")
     saved_fields = set(meta.get("fields", target))
     if saved_fields != set(target):
         raise UserError(f"checkpoint {step_dir} holds train-state fields {sorted(saved_fields)} but this run's "
