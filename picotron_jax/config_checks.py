@@ -461,7 +461,7 @@ def validate_monitor(cfg: Config) -> None:
     from picotron_jax.config_sections import MONITOR_ACTIONS
 
     m = cfg.monitor
-    allowed = {"on_nan": MONITOR_ACTIONS, "on_spike": ("log", "alert", "skip", "rewind", "stop"),
+    allowed = {"on_nan": MONITOR_ACTIONS, "on_spike": MONITOR_ACTIONS,
                "on_throughput": ("log", "alert", "stop"), "on_memory": ("log", "alert", "stop"),
                "on_straggler": ("log", "alert", "stop")}
     for name, actions in allowed.items():

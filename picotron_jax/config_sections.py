@@ -337,7 +337,7 @@ class MetaConfig:
     eval_tasks: int = 100  # held-out tasks of the adaptation curves
     eval_steps: int = 10  # the curves: query loss after 0 .. eval_steps inner steps
     log_every: int = 100
-MONITOR_ACTIONS = ("log", "alert", "skip", "rewind", "stop")
+MONITOR_ACTIONS = ("log", "alert", "skip", "rewind", "rerun", "stop")
 
 
 @dataclass
@@ -358,8 +358,8 @@ class MonitorConfig:
     memory_fraction: float = 0.95  # device memory in use above this fraction of its limit (GPU/TPU); 0 = off
     host_memory_fraction: float = 0.97  # host RAM in use above this fraction; 0 = off
     disk_min_free_gb: float = 1.0  # before a checkpoint save: less free space than this in the run dir; 0 = off
-    on_nan: str = "rewind"  # log | alert | skip (inside the step) | rewind | stop; rewind without a checkpoint = stop
-    on_spike: str = "alert"  # log | alert | skip (inside the step, windows in the train state) | rewind | stop
+    on_nan: str = "rewind"  # log | alert | skip (inside the step) | rewind | rerun | stop; rewind without a checkpoint = stop
+    on_spike: str = "alert"  # log | alert | skip (inside the step, windows in the train state) | rewind | rerun | stop
     on_throughput: str = "alert"  # log | alert | stop
     on_memory: str = "alert"  # log | alert | stop (device memory, host memory, disk space)
     on_straggler: str = "alert"  # log | alert | stop (multi-process: a process far slower than the others)

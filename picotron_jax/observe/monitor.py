@@ -45,6 +45,7 @@ from picotron_jax.callback import Callback
 from picotron_jax.errors import RunAborted
 from picotron_jax.observe.alerts import Alerts
 from picotron_jax.observe.memory import device_memory_stats
+from picotron_jax.observe.rerun import PendingRerun, verdict
 from picotron_jax.observe.stragglers import find_straggler
 from picotron_jax.train.monitor_stats import modules
 
@@ -109,6 +110,8 @@ class Monitor(Callback):
         self.rewinds = 0
         self._spike_skips = 0  # in-step spike skips reported so far (train/spike_guard.py)
         self._spike_checked = 0
+        self._pending: PendingRerun | None = None  # a rerun under way (observe/rerun.py)
+        self._values = (math.nan, math.nan)  # the loss and grad norm being judged
 
     # -- events ------------------------------------------------------------------------------
     def on_run_start(self, trainer):
@@ -132,6 +135,8 @@ class Monitor(Callback):
             self._offset += self._skip_to - trainer.step_count
             self._skip_to = None
             self._checked = trainer.step_count  # the steps from the checkpoint on are judged again
+        if self._pending is not None and trainer is not None and trainer.step_count < self._pending.step:
+            self._checked = trainer.step_count  # restored for a rerun: the steps up to the suspicious one run again
         offset = self._offset
         return read if offset == 0 else (lambda index: read(index + offset))
 
@@ -180,7 +185,9 @@ class Monitor(Callback):
 
     # -- detectors ---------------------------------------------------------------------------
     def _check_step(self, trainer, step: int, loss: float, grad_norm: float, outputs: dict) -> None:
-        self._checked = step
+        self._checked, self._values = step, (loss, grad_norm)
+        if self._pending is not None and step == self._pending.step and self._rerun_done(trainer, loss, grad_norm):
+            return
         if self.cfg.precision.mode == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm):
             return  # the loss scaler's overflow: a skipped step (counted in skipped_steps), not a divergence
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -206,6 +213,19 @@ class Monitor(Callback):
                 self._act(trainer, step, kind, f"{name} {value:.4g}", "", window.describe(), self.m.on_spike)
             else:
                 window.values.append(value)
+
+    def _rerun_done(self, trainer, loss: float, grad_norm: float) -> bool:
+        """The suspicious step has run again: its verdict row; True if the detectors should not judge it."""
+        pending, self._pending = self._pending, None
+        reproducible, detail = verdict(pending, loss, grad_norm)
+        if not reproducible:  # transient: the new values are judged as usual
+            self._open_alerts(trainer).record(pending.step, "rerun", detail, "", "the first run's bits", "log")
+            return False
+        nan = pending.kind == "nan"
+        self._act(trainer, pending.step, "rerun", detail, "", "the first run's bits", "stop" if nan else "alert",
+                  finite_state=not nan, message=f"step {pending.step}'s {pending.kind} is reproducible (the same bits "
+                                                f"when run again): {detail}")
+        return True
 
     def _report_skipped_spikes(self, trainer, step: int, outputs: dict) -> None:
         got = jax.device_get({k: outputs[k] for k in ("loss", "grad_norm", "loss_spike", "grad_spike",
@@ -272,10 +292,22 @@ class Monitor(Callback):
                 action, message = "stop", f"{message} (monitor.on_* = rewind, but there is no checkpoint to rewind to)"
             elif self.rewinds >= self.m.max_rewinds:
                 action, message = "stop", f"{message} (monitor.max_rewinds = {self.m.max_rewinds} rewinds used)"
+        if action == "rerun":
+            has_checkpoint = trainer.checkpointer is not None and bool(trainer.checkpointer.all_steps())
+            if not has_checkpoint:
+                action = "stop" if kind == "nan" else "alert"
+                message = f"{message} (monitor.on_* = rerun, but there is no checkpoint to run the step again from)"
+            elif self.rewinds >= self.m.max_rewinds:
+                action, message = "stop", f"{message} (monitor.max_rewinds = {self.m.max_rewinds} rewinds used)"
         if action == "skip":
             action = "skip" if "update_skipped" in trainer.last_outputs else "alert"
         self._open_alerts(trainer).record(step, kind, detail, where, threshold, action)
-        if action == "rewind":
+        if action == "rerun":
+            self.rewinds += 1
+            self._pending = PendingRerun(step, kind, *self._values, from_step=max(trainer.checkpointer.all_steps()))
+            self._dirty = True
+            trainer.control.restore()
+        elif action == "rewind":
             self.rewinds += 1
             self._skip_to = step  # wrap_batches: the data continues after the bad step's batch
             self._dirty = True
