@@ -69,6 +69,15 @@ def test_reference_scores_equal_the_library_evaluation_of_each_window(corpus):
             assert scores[w] == pytest.approx(float(nll) / float(tokens), rel=1e-5)
 
 
+def test_reference_scores_on_a_tensor_and_data_parallel_mesh_equal_the_single_device_ones(corpus):
+    single = _run_cfg(corpus)
+    ds = _dataset(single)
+    cfg = _run_cfg(corpus).replace(mesh=pj.load_config("tp2-dp4").mesh)
+    np.testing.assert_allclose(cr.reference_scores(ds, cfg), cr.reference_scores(ds, single), rtol=2e-5)
+    with pytest.raises(UserError, match=r"curriculum\.metric.*mesh\.pipe = 2"):
+        cr.reference_scores(ds, _run_cfg(corpus).replace(mesh=pj.load_config("pp2-afab").mesh))
+
+
 def test_scores_are_cached_per_checkpoint_identity(corpus, monkeypatch):
     cfg = _run_cfg(corpus)
     ds = _dataset(cfg)

@@ -76,6 +76,9 @@ def reference_key(path: str) -> str:
 def reference_config(cfg: Config, meta: dict, vocab_size: int) -> Config:
     """The reference's config: its own train-state sections, this run's mesh, data and batch; checks that it
     reads this run's tokens (vocabulary) at this run's length."""
+    if cfg.mesh.pipe > 1:  # the scoring program is the plain forward (hidden_states), not the pipeline's
+        raise UserError(f"config field 'curriculum.metric' = 'reference' scores on the run's mesh without pipeline "
+                        f"stages, but mesh.pipe = {cfg.mesh.pipe}: set mesh.pipe=1 or use curriculum.metric=compression")
     saved = config_from_dict(meta["config"])
     if saved.model.vocab_size != cfg.model.vocab_size or saved.model.vocab_size < vocab_size:
         raise UserError(f"config field '{FIELD}' = {cfg.curriculum.reference_checkpoint!r}: its model.vocab_size is "
@@ -99,9 +102,6 @@ def build_window_loss(cfg: Config, rules: Any, setup: Any):
     from picotron_jax.train.remat import make_layer_stack
     from picotron_jax.train.step import to_sequence_layout
 
-    if rules.mesh.shape["pipe"] > 1:
-        raise UserError("config field 'curriculum.metric' = 'reference' scores on the run's mesh without pipeline "
-                        "stages: set mesh.pipe=1, or score with curriculum.metric=compression")
     ops, policy, layer_stack = MeshOps(rules), setup.policy, make_layer_stack(cfg)
     compute_dtype, head_dtype = jnp.dtype(policy.compute_dtype), policy.dtype_of("head")
 
