@@ -136,3 +136,27 @@ def test_a_missing_reference_names_the_field(corpus):
     for missing in (corpus[0] / "nowhere", corpus[0] / "ref0" / "checkpoints" / "7"):
         with pytest.raises(UserError, match=r"curriculum\.reference_checkpoint.*no (such )?checkpoint"):
             cr.reference_scores(_dataset(cfg), cfg.replace(curriculum={"reference_checkpoint": str(missing)}))
+
+
+@pytest.mark.slow  # trains a reference (a train step to compile), as test_curriculum_difficulty.py's resume test
+def test_a_reference_trained_on_part_of_the_data_finds_that_part_easier(tmp_path):
+    rng = np.random.default_rng(0)  # part A: letters a..h, part B: s..z; same entropy, disjoint symbols
+
+    def text(letters: str) -> str:
+        return "".join(rng.choice(list(letters), 400))
+
+    (tmp_path / "a.txt").write_text(text("abcdefgh"))
+    (tmp_path / "ab.txt").write_text(text("abcdefgh") + text("stuvwxyz"))
+    cache = f"data.cache_dir={tmp_path / 'tokens'}"
+    ref_cfg = pj.load_config("single", [*TINY, cache, f"data.source={tmp_path / 'a.txt'}", "train.steps=30",
+                                        "optimizer.lr=1e-2", "checkpoint.every=30"])
+    with pj.Trainer(ref_cfg, tmp_path / "ref") as ref:
+        ref.run()
+    cfg = pj.load_config("single", [*TINY, cache, f"data.source={tmp_path / 'ab.txt'}", *DIFF,
+                                    f"curriculum.reference_checkpoint={tmp_path / 'ref' / 'checkpoints'}"])
+    ds = _dataset(cfg)
+    scores = cr.reference_scores(ds, cfg)
+    part_a = np.arange(ds.num_sequences) * ds.seq_len + ds.seq_len < 400  # windows wholly inside part A
+    part_b = np.arange(ds.num_sequences) * ds.seq_len > 401
+    assert scores[part_a].max() < scores[part_b].min()
+    assert scores[part_a].mean() < np.log(8) + 0.5 < scores[part_b].mean()  # A near its entropy, B far above
