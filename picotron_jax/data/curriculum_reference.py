@@ -89,8 +89,9 @@ def reference_config(cfg: Config, meta: dict, vocab_size: int) -> Config:
                         f"{saved.train.seq_len}, this run's {cfg.train.seq_len}; score with a reference trained at "
                         f"train.seq_len={cfg.train.seq_len}")
     return saved.replace(
-        mesh=cfg.mesh, data=cfg.data, eval=cfg.eval, distributed=cfg.distributed,
-        train={"global_batch": cfg.train.global_batch, "zero_stage": cfg.train.zero_stage},
+        mesh=cfg.mesh, pipeline=cfg.pipeline, data=cfg.data, eval=cfg.eval, distributed=cfg.distributed,
+        train={k: getattr(cfg.train, k) for k in ("global_batch", "grad_accum", "zero_stage", "context_zigzag",
+                                                  "stop_at_step")},
         checkpoint={"dir": "", "require_lossless": False},
         logging=LoggingConfig(progress=False), memory={"live_arrays": False}, curriculum={"kind": "none"},
         faults=FaultsConfig(), profile=ProfileConfig(), debug=DebugConfig(), monitor=MonitorConfig())
