@@ -293,7 +293,7 @@ class DebugConfig:
 
 
 CURRICULUM_KINDS = ("none", "seqlen", "difficulty")
-CURRICULUM_METRICS = ("compression", "rarity")
+CURRICULUM_METRICS = ("compression", "rarity", "reference", "field")
 CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
 
 
@@ -310,7 +310,9 @@ class CurriculumConfig:
     discrete_lengths: list[int] = field(default_factory=list)  # fixed_discrete: the lengths, e.g. [32, 64, 128]
     discrete_steps: list[int] = field(default_factory=list)  # fixed_discrete: last step of each but the last length
     constant_tokens: bool = True  # rebuild the batch as global_batch * seq_len / L rows of L; false = truncate rows
-    metric: str = "compression"  # kind=difficulty: compression | rarity (data/curriculum_difficulty.py)
+    metric: str = "compression"  # kind=difficulty: compression | rarity | reference | field (data/curriculum_difficulty.py)
+    reference_checkpoint: str = ""  # metric=reference: a checkpoints folder (newest step) or one step folder
+    score_field: str = ""  # metric=field: the .jsonl/.parquet field holding each document's difficulty
     start_percentile: int = 0  # kind=difficulty: the first steps draw from the easiest this-many percent (1..100)
 
 

@@ -15,6 +15,12 @@ def validate_difficulty(c: CurriculumConfig) -> None:
 
     need(c.metric in CURRICULUM_METRICS,
          f"config field 'curriculum.metric' = {c.metric!r}: valid values are {', '.join(CURRICULUM_METRICS)}")
+    need(c.metric != "reference" or bool(c.reference_checkpoint),
+         "config field 'curriculum.reference_checkpoint' is empty: curriculum.metric=reference scores windows by a "
+         "trained checkpoint's loss, e.g. curriculum.reference_checkpoint=runs/ref/checkpoints")
+    need(c.metric != "field" or bool(c.score_field),
+         "config field 'curriculum.score_field' is empty: curriculum.metric=field reads each document's difficulty "
+         "from a field of the .jsonl/.parquet records, e.g. curriculum.score_field=difficulty")
     need(c.pacing in ("fixed_linear", "fixed_root"),
          f"config field 'curriculum.pacing' = {c.pacing!r}: kind=difficulty paces by percentile with fixed_linear "
          "or fixed_root")

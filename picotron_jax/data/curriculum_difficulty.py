@@ -6,7 +6,11 @@ difficulty score once, cached next to the token file:
 - `compression`: zlib-compressed size / raw size of the window's token bytes, a cheap proxy of its
   entropy (repetitive text compresses well and is easy);
 - `rarity`: the mean unigram surprisal -log p(token) of its tokens, p counted over the training windows
-  (DeepSpeed's "vocabulary rarity" metric, Li et al., arXiv 2108.06084 / DeepSpeed data efficiency).
+  (DeepSpeed's "vocabulary rarity" metric, Li et al., arXiv 2108.06084 / DeepSpeed data efficiency);
+- `reference`: the mean token loss of a trained checkpoint (`curriculum.reference_checkpoint`) on it
+  (curriculum_reference.py); the cache key holds the checkpoint's identity;
+- `field`: the token-weighted mean of the user's scores (`curriculum.score_field` of the .jsonl/.parquet
+  records) of the documents it spans (curriculum_fields.py).
 
 Pacing is DeepSpeed's percentile form: step s draws from the easiest pct(s) percent of the windows,
 
@@ -21,6 +25,7 @@ batches are the dataset's usual ones. Evaluation is untouched.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import zlib
@@ -32,6 +37,8 @@ import numpy as np
 from picotron_jax.callback import Callback
 from picotron_jax.config import Config, CurriculumConfig
 from picotron_jax.data.curriculum import fixed_root
+from picotron_jax.data.curriculum_fields import field_scores
+from picotron_jax.data.curriculum_reference import reference_key, reference_scores
 from picotron_jax.data.loader import place_rows
 from picotron_jax.errors import UserError
 
@@ -61,19 +68,33 @@ def score_windows(ds: Any, metric: str, chunk: int = 4096) -> np.ndarray:
         for lo in range(0, n, chunk):
             out[lo:lo + min(chunk, n - lo)] = surprisal[window_tokens(ds, np.arange(lo, min(lo + chunk, n)))].mean(1)
         return out
-    raise UserError(f"config field 'curriculum.metric' = {metric!r}: valid values are compression, rarity")
+    raise UserError(f"config field 'curriculum.metric' = {metric!r}: valid values are compression, rarity "
+                    "(reference and field are scored by cached_scores, from the run's config)")
 
 
-def cached_scores(ds: Any, metric: str) -> np.ndarray:
-    """score_windows, computed once per (token file, metric, seq_len) and kept next to the token file
-    (written to a temporary name and renamed; an unwritable folder just recomputes next time)."""
+def _scorer(ds: Any, metric: str, cfg: Config | None) -> tuple[str, Callable[[], np.ndarray]]:
+    """(cache-name tag, the computation) of `metric`: the tag names what else the scores depend on."""
+    if metric == "reference":
+        return f"-{reference_key(cfg.curriculum.reference_checkpoint)}", lambda: reference_scores(ds, cfg)
+    if metric == "field":
+        field = cfg.curriculum.score_field
+        tag = hashlib.sha256(field.encode()).hexdigest()[:12]
+        return f"-{tag}", lambda: field_scores(ds, cfg.data, field)
+    return "", lambda: score_windows(ds, metric)
+
+
+def cached_scores(ds: Any, metric: str, cfg: Config | None = None) -> np.ndarray:
+    """The window scores, computed once per (token file, metric and what it reads, seq_len) and kept next
+    to the token file (written to a temporary name and renamed; an unwritable folder just recomputes next
+    time). `reference` and `field` read their checkpoint / field from `cfg`."""
     path = Path(ds.path)
-    cache = path.with_name(f"{path.stem}.difficulty-{metric}-T{ds.seq_len}-N{ds.num_sequences}.npy")
+    tag, compute = _scorer(ds, metric, cfg)
+    cache = path.with_name(f"{path.stem}.difficulty-{metric}{tag}-T{ds.seq_len}-N{ds.num_sequences}.npy")
     if cache.is_file():
         scores = np.load(cache)
         if scores.shape == (ds.num_sequences,):
             return scores
-    scores = score_windows(ds, metric)
+    scores = compute()
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -133,8 +154,8 @@ class DifficultyWarmup(Callback):
                 raise UserError("config field 'curriculum.kind' = 'difficulty': needs a local token file "
                                 f"dataset (data.source a corpus or .jsonl/.parquet), not {type(ds).__name__}; "
                                 "use curriculum.kind=seqlen with this data")
-            self.curriculum = DifficultyCurriculum(self.cfg.curriculum, cached_scores(ds, self.cfg.curriculum.metric),
-                                                   self.cfg.train.seed)
+            scores = cached_scores(ds, self.cfg.curriculum.metric, self.cfg)
+            self.curriculum = DifficultyCurriculum(self.cfg.curriculum, scores, self.cfg.train.seed)
         return self.curriculum
 
     def wrap_batches(self, read: Callable[[int], Any]) -> Callable[[int], Any]:
