@@ -442,6 +442,11 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
         _need(lengths[-1] == T, f"config field 'curriculum.discrete_lengths' = {lengths}: the last length must be "
                                 f"train.seq_len = {T}")
         starts = lengths
+    elif c.pacing == "gated":
+        from picotron_jax.data.curriculum_checks import validate_gated
+
+        validate_gated(cfg)
+        starts = [c.start_seq_len]
     else:
         _need(c.steps >= 1, f"config field 'curriculum.steps' = {c.steps}: must be >= 1 (steps to reach "
                             f"train.seq_len)")
