@@ -422,9 +422,10 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
     if c.kind == "none":
         return
     if c.kind == "difficulty":
-        from picotron_jax.data.curriculum_checks import validate_difficulty
+        from picotron_jax.data.curriculum_checks import validate_difficulty, validate_gated
 
-        return validate_difficulty(c)
+        validate_difficulty(c)
+        return validate_gated(cfg) if c.pacing == "gated" else None
     _need(c.pacing in CURRICULUM_PACINGS, f"config field 'curriculum.pacing' = {c.pacing!r}: valid values are "
                                           f"{', '.join(CURRICULUM_PACINGS)}")
     _need(c.seq_len_step >= 1 and T % c.seq_len_step == 0,

@@ -318,6 +318,7 @@ class CurriculumConfig:
     gate_patience: int = 2  # evals of a stage that must improve on its best before them ...
     gate_min_delta: float = 0.01  # ... by at least this fraction of it, or the stage has plateaued
     gate_delay: int = 4  # a stage decided at the eval of step e begins at step e + gate_delay (>= 4: read-ahead)
+    gate_stages: int = 4  # kind=difficulty: percentile stages, start_percentile to 100 evenly (seqlen: the buckets)
 
 
 META_TASKS = ("sine",)

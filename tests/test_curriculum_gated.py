@@ -17,12 +17,14 @@ from picotron_jax.checkpoint.restore import read_meta
 from picotron_jax.checkpoint.storage import open_store
 from picotron_jax.config import CurriculumConfig
 from picotron_jax.data.curriculum import Curriculum
-from picotron_jax.data.curriculum_gate import MIN_GATE_DELAY, PlateauGate
+from picotron_jax.data.curriculum_gate import MIN_GATE_DELAY, PlateauGate, gated_percentiles
 from picotron_jax.errors import UserError
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "train.seq_len=16", "train.global_batch=8", "optimizer.warmup_steps=2",
         "logging.progress=false", "memory.live_arrays=false", "logging.every=1"]
+DIFF_GATED = ["curriculum.kind=difficulty", "curriculum.pacing=gated", "curriculum.start_percentile=20",
+              "eval.tokens=256", "eval.every=1"]
 GATED = ["curriculum.kind=seqlen", "curriculum.pacing=gated", "curriculum.start_seq_len=4", "curriculum.seq_len_step=4",
          "eval.tokens=256", "eval.every=2"]
 
@@ -168,3 +170,39 @@ def test_the_loop_prefetch_reads_at_most_read_ahead_steps_past_the_step_being_pr
     time.sleep(0.5)  # the thread reads as far ahead as it can
     assert max(started) == READ_AHEAD_STEPS  # index 3 = step 4 = step 1 + READ_AHEAD_STEPS, never step 5
     batches.close()
+
+
+def test_difficulty_gated_draws_from_the_stage_percentile_and_keeps_its_gate_in_the_checkpoint(tmp_path):
+    assert gated_percentiles(20, 4) == [20, 46, 73, 100]  # 20 + 80 k // 3
+    rng = np.random.default_rng(0)  # a small corpus whose lines differ in difficulty (test_curriculum_difficulty.py)
+    lines = ["ab " * int(rng.integers(2, 30)) if i % 2 else "".join(map(chr, rng.integers(97, 123, 60)))
+             for i in range(200)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    # gate_loss 100: every counted evaluation advances; eval.every 1, delay 4: stages begin at 1, 1 + 4, 5 + 4
+    cfg = tiny(*DIFF_GATED, "curriculum.gate_loss=100", "train.steps=6", f"data.source={tmp_path / 'corpus.txt'}",
+               f"data.cache_dir={tmp_path / 'tokens'}")
+    with pj.Trainer(cfg, tmp_path / "run") as trainer:
+        rows = [r for r in trainer.run().rows if r["kind"] == "train"]
+        trainer.save()
+    assert [r["curriculum_percentile"] for r in rows] == [20] * 4 + [46] * 2
+    assert [r["curriculum_stage_step"] for r in rows] == [1] * 4 + [5] * 2
+    assert rows[0]["difficulty_max"] < rows[-1]["difficulty_max"]  # the stage-1 pool holds harder windows
+    saved = read_meta(open_store(str(tmp_path / "run" / "checkpoints"), 0, 0).fetch(6))["callbacks"]["DifficultyWarmup"]
+    assert saved["starts"] == [1, 5, 9] and saved["evaluated_through"] == 6
+    with pj.Trainer.restore(tmp_path / "run") as resumed:
+        assert gate_of_difficulty(resumed).starts == [1, 5, 9]
+
+
+def gate_of_difficulty(trainer: pj.Trainer) -> PlateauGate:
+    return next(cb for cb in trainer.callbacks if type(cb).__name__ == "DifficultyWarmup").gate
+
+
+@pytest.mark.parametrize("override, field", [
+    ("curriculum.gate_stages=1", "curriculum.gate_stages"),
+    ("eval.every=0", "eval.every"),
+    ("curriculum.start_percentile=0", "curriculum.start_percentile"),
+])
+def test_bad_difficulty_gated_settings_name_the_field(override, field):
+    tiny(*DIFF_GATED).validate()  # gated needs no curriculum.steps
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        tiny(*DIFF_GATED, override).validate()

@@ -35,11 +35,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from picotron_jax.callback import Callback
 from picotron_jax.config import Config, CurriculumConfig
-from picotron_jax.data.curriculum_gate import PlateauGate
-from picotron_jax.data.loader import READ_AHEAD_STEPS, place_rows
-from picotron_jax.errors import UserError
+from picotron_jax.data.curriculum_gate import GatedCallback, PlateauGate
+from picotron_jax.data.loader import place_rows
 
 
 def fixed_root(step: int, total: int, start: int, end: int, difficulty_step: int, root_degree: int) -> int:
@@ -81,13 +79,7 @@ class Curriculum:
     def length(self, step: int) -> int:
         """The sequence length step `step` trains on: the largest bucket not above the pacing value."""
         if self.gate is not None:
-            if not self.gate.decided(step):
-                raise RuntimeError(
-                    f"curriculum.pacing=gated: the stage of step {step} is decided by the evaluation of step "
-                    f"{step - self.c.gate_delay} (or earlier), which has not run (evaluated through step "
-                    f"{self.gate.evaluated_through}). The loop reads at most {READ_AHEAD_STEPS} steps ahead, but a "
-                    "monitor rewind moves the data past the steps it skips: resume with --resume, or raise "
-                    "curriculum.gate_delay")
+            self.gate.check(step)
             return self.lengths[min(self.gate.stage(step), len(self.lengths) - 1)]
         d = self.difficulty(step)
         return max([L for L in self.lengths if L <= d] or [self.lengths[0]])
@@ -121,16 +113,19 @@ class Curriculum:
         return place_rows(read_rows, self.rows(batch, L), L, sharding)
 
 
-class SeqLenWarmup(Callback):
+class SeqLenWarmup(GatedCallback):
     """The loop callback: reads every training batch at its step's length; logs the stage in each row
     (`seq_len`, `curriculum_stage` = the bucket's index, with gated pacing `curriculum_stage_step` = the step
     the stage began; `tokens` counts the step's tokens as always). With gated pacing it feeds the scheduled
-    eval losses to the gate and keeps the gate's state in the checkpoint (`state_dict`)."""
+    eval losses to the gate and keeps the gate's state in the checkpoint (GatedCallback)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.curriculum = Curriculum(cfg.curriculum, cfg.train.seq_len, cfg.eval.every)
-        self._restored = False
+        self.gate = self.curriculum.gate
+
+    def stage_label(self, stage: int) -> str:
+        return f"seq_len {self.curriculum.lengths[stage]}"
 
     def wrap_batches(self, read: Callable[[int], Any]) -> Callable[[int], Any]:
         run = getattr(read, "__self__", None)  # the Run whose `batch` this replaces (the first wrapper)
@@ -139,13 +134,6 @@ class SeqLenWarmup(Callback):
         batch, sharding = self.cfg.train.global_batch, run.rules.batch_sharding()
         return lambda index: self.curriculum.read(run._data(), index, batch, sharding)
 
-    def on_run_start(self, trainer: Any) -> None:
-        gate = self.curriculum.gate
-        if gate is not None and not self._restored and trainer.step_count >= gate.every:
-            raise UserError(f"config field 'curriculum.pacing' = 'gated': the run starts at step {trainer.step_count} "
-                            "from a checkpoint that holds no gated curriculum state (it was saved with another "
-                            "curriculum.pacing); resume with the pacing it was saved with, or start a new run")
-
     def on_log(self, trainer: Any, row: dict) -> None:
         if row.get("kind") == "train":
             L = self.curriculum.length(row["step"])
@@ -153,20 +141,3 @@ class SeqLenWarmup(Callback):
             row["curriculum_stage"] = self.curriculum.lengths.index(L)
             if (gate := self.curriculum.gate) is not None:
                 row["curriculum_stage_step"] = gate.starts[gate.stage(row["step"])]
-
-    def on_eval(self, trainer: Any, row: dict) -> None:
-        gate = self.curriculum.gate
-        if gate is None or "eval_loss" not in row:
-            return
-        if reason := gate.observe(row["step"], row["eval_loss"]):
-            k = len(gate.starts) - 1
-            trainer.say(f"curriculum: stage {k} (seq_len {self.curriculum.lengths[k]}) begins at step "
-                        f"{gate.starts[k]}: {reason}")
-
-    def state_dict(self) -> dict | None:
-        return None if self.curriculum.gate is None else self.curriculum.gate.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.curriculum.gate is not None:
-            self.curriculum.gate.load_state_dict(state)
-            self._restored = True

@@ -16,13 +16,17 @@ def validate_difficulty(c: CurriculumConfig) -> None:
 
     need(c.metric in CURRICULUM_METRICS,
          f"config field 'curriculum.metric' = {c.metric!r}: valid values are {', '.join(CURRICULUM_METRICS)}")
-    need(c.pacing in ("fixed_linear", "fixed_root"),
-         f"config field 'curriculum.pacing' = {c.pacing!r}: kind=difficulty paces by percentile with fixed_linear "
-         "or fixed_root")
+    need(c.pacing in ("fixed_linear", "fixed_root", "gated"),
+         f"config field 'curriculum.pacing' = {c.pacing!r}: kind=difficulty paces by percentile with fixed_linear, "
+         "fixed_root or gated")
     need(1 <= c.start_percentile <= 100,
          f"config field 'curriculum.start_percentile' = {c.start_percentile}: must be in 1..100 (the easiest share "
          "of the windows the first step draws from), e.g. curriculum.start_percentile=10")
-    need(c.steps >= 1, f"config field 'curriculum.steps' = {c.steps}: must be >= 1 (steps to reach all windows)")
+    need(c.pacing == "gated" or c.steps >= 1,
+         f"config field 'curriculum.steps' = {c.steps}: must be >= 1 (steps to reach all windows)")
+    need(c.pacing != "gated" or c.gate_stages >= 2,
+         f"config field 'curriculum.gate_stages' = {c.gate_stages}: must be >= 2 (percentile stages from "
+         "curriculum.start_percentile to 100)")
     need(c.pacing != "fixed_root" or c.root_degree >= 1,
          f"config field 'curriculum.root_degree' = {c.root_degree}: must be >= 1")
 

@@ -1,6 +1,7 @@
 """Performance-gated curriculum pacing (`curriculum.pacing=gated`): advance one stage when the eval loss says so.
 
-The stages are the curriculum's buckets (kind=seqlen: the sequence lengths, shortest first). At every
+The stages are the curriculum's buckets (kind=seqlen: the sequence lengths, shortest first; kind=difficulty:
+curriculum.gate_stages percentiles of the easiest windows, start_percentile to 100 evenly). At every
 scheduled evaluation (steps that are multiples of eval.every; the extra evaluation at the end of a run
 and `Trainer.evaluate()` calls do not count, so a run stopped and resumed sees the same evaluations as one
 that never stopped) the gate advances one stage when either
@@ -29,7 +30,11 @@ from __future__ import annotations
 
 import bisect
 
+from typing import Any
+
+from picotron_jax.callback import Callback
 from picotron_jax.data.loader import READ_AHEAD_STEPS
+from picotron_jax.errors import UserError
 
 MIN_GATE_DELAY = READ_AHEAD_STEPS + 1
 
@@ -52,6 +57,15 @@ class PlateauGate:
     def decided(self, step: int) -> bool:
         """Whether every evaluation that can shape step `step`'s stage (those at steps <= step - delay) is in."""
         return (max(0, step - self.delay) // self.every) * self.every <= self.evaluated_through
+
+    def check(self, step: int) -> None:
+        """Refuse to say the stage of a step whose deciding evaluations have not run (see the module docstring)."""
+        if not self.decided(step):
+            raise RuntimeError(
+                f"curriculum.pacing=gated: the stage of step {step} is decided by the evaluation of step "
+                f"{step - self.delay} (or earlier), which has not run (evaluated through step {self.evaluated_through}). "
+                f"The loop reads at most {READ_AHEAD_STEPS} steps ahead, but a monitor rewind moves the data past the "
+                "steps it skips: resume with --resume, or raise curriculum.gate_delay")
 
     def verdict(self, losses: list[float]) -> str:
         """Why the stage whose eval losses are `losses` (oldest first) is done, or '' while it is not."""
@@ -86,3 +100,40 @@ class PlateauGate:
         self.starts = [int(s) for s in state["starts"]]
         self.stage_evals = [(int(s), float(v)) for s, v in state["stage_evals"]]
         self.evaluated_through = int(state["evaluated_through"])
+
+
+def gated_percentiles(start: int, stages: int) -> list[int]:
+    """kind=difficulty's stages: `stages` percentiles from `start` to 100, evenly spaced (rounded down)."""
+    return sorted({start + (100 - start) * k // (stages - 1) for k in range(stages)})
+
+
+class GatedCallback(Callback):
+    """What a curriculum callback with a gate does besides reading batches: feed it the scheduled eval losses,
+    keep its state in the checkpoint (callback.py `state_dict`), refuse a resume without that state.
+    `gate` is None under the other pacings; `stage_label(k)` names stage k in the console line."""
+
+    gate: PlateauGate | None = None
+    _restored = False
+
+    def stage_label(self, stage: int) -> str:
+        return f"stage {stage}"
+
+    def on_run_start(self, trainer: Any) -> None:
+        gate = self.gate
+        if gate is not None and not self._restored and trainer.step_count >= gate.every:
+            raise UserError(f"config field 'curriculum.pacing' = 'gated': the run starts at step {trainer.step_count} "
+                            "from a checkpoint that holds no gated curriculum state (it was saved with another "
+                            "curriculum.pacing); resume with the pacing it was saved with, or start a new run")
+
+    def on_eval(self, trainer: Any, row: dict) -> None:
+        if self.gate is not None and "eval_loss" in row and (reason := self.gate.observe(row["step"], row["eval_loss"])):
+            k = len(self.gate.starts) - 1
+            trainer.say(f"curriculum: stage {k} ({self.stage_label(k)}) begins at step {self.gate.starts[k]}: {reason}")
+
+    def state_dict(self) -> dict | None:
+        return None if self.gate is None else self.gate.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.gate is not None:
+            self.gate.load_state_dict(state)
+            self._restored = True
