@@ -144,7 +144,7 @@ def test_gated_run_stopped_after_an_advance_resumes_bitwise(tmp_path):
     ("curriculum.gate_loss=-1", "curriculum.gate_loss"),
     ("curriculum.gate_patience=0", "curriculum.gate_patience"),
     ("curriculum.gate_min_delta=1.5", "curriculum.gate_min_delta"),
-    (f"curriculum.gate_delay={MIN_GATE_DELAY - 1}", "curriculum.gate_delay"),
+    ("curriculum.gate_delay=3", "curriculum.gate_delay"),  # the loop may have read step e + 3 at the eval of e
     ("curriculum.start_seq_len=6", "curriculum.start_seq_len"),
 ])
 def test_bad_gated_settings_name_the_field(override, field):
@@ -169,6 +169,7 @@ def test_the_loop_prefetch_reads_at_most_read_ahead_steps_past_the_step_being_pr
     assert next(batches) == 0  # step 1's batch: its events run now
     time.sleep(0.5)  # the thread reads as far ahead as it can
     assert max(started) == READ_AHEAD_STEPS  # index 3 = step 4 = step 1 + READ_AHEAD_STEPS, never step 5
+    assert MIN_GATE_DELAY == READ_AHEAD_STEPS + 1 == 4  # so a stage decided at step e begins after every read
     batches.close()
 
 
@@ -206,3 +207,17 @@ def test_bad_difficulty_gated_settings_name_the_field(override, field):
     tiny(*DIFF_GATED).validate()  # gated needs no curriculum.steps
     with pytest.raises(UserError, match=field.replace(".", r"\.")):
         tiny(*DIFF_GATED, override).validate()
+
+
+def test_a_resume_without_the_gates_state_is_refused_naming_the_pacing():
+    from types import SimpleNamespace
+
+    from picotron_jax.data.curriculum import SeqLenWarmup
+
+    cb = SeqLenWarmup(tiny(*GATED))
+    cb.on_run_start(SimpleNamespace(step_count=1))  # before the first scheduled evaluation: nothing to miss
+    with pytest.raises(UserError, match=r"curriculum\.pacing"):
+        cb.on_run_start(SimpleNamespace(step_count=4))  # a checkpoint of step 4 that held no gate state
+    cb.load_state_dict({"starts": [1, 6], "stage_evals": [], "evaluated_through": 4})
+    cb.on_run_start(SimpleNamespace(step_count=4))
+    assert cb.curriculum.length(6) == 8  # the loaded stage starts shape the lengths
