@@ -22,6 +22,14 @@ Events, in the order they fire (`step` is the number of optimizer steps done, 1-
 `wrap_batches(read) -> read` composes the batch reader (`read(index) -> batch`, run on the prefetch
 thread) once per run: slow or transformed data goes there, not into the loop.
 
+State in the checkpoint (PyTorch's `state_dict` / `load_state_dict` pair, as Lightning's callbacks have):
+a callback whose decisions the next steps depend on (the gated curriculum's stage starts) returns them
+from `state_dict() -> dict | None` (plain JSON values; None: nothing to keep). Every save stores the
+non-None ones in the checkpoint's metadata under `callbacks`, keyed by the callback's class name (one
+stateful callback per class); every restore (`--resume`, `Trainer.restore`, a rewind) hands each
+callback its own dict with `load_state_dict(state)` before the loop continues. A callback the checkpoint
+holds nothing for is not called.
+
 Rules: a callback never syncs the device on every step unless it asks for it (reading `outputs`
 with `jax.device_get` is a sync; reading `row` is free, it was fetched for the log). It does not
 change `trainer.state` directly: it asks the loop through `trainer.control` (stop, save now,
@@ -67,6 +75,12 @@ class Callback:
 
     def wrap_batches(self, read: Callable[[int], Any]) -> Callable[[int], Any]:
         return read
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 EVENTS = ("on_run_start", "on_step_start", "on_step_dispatched", "on_log", "on_eval", "on_step_end", "on_checkpoint", "on_run_end",
@@ -128,6 +142,24 @@ class CallbackList:
             if hasattr(cb, "wrap_batches"):
                 read = cb.wrap_batches(read)
         return read
+
+    def state_dicts(self) -> dict[str, dict]:
+        """{class name: state} of the callbacks with a state to checkpoint."""
+        out: dict[str, dict] = {}
+        for cb in self.callbacks:
+            state = cb.state_dict() if hasattr(cb, "state_dict") else None
+            if state is not None:
+                name = type(cb).__name__
+                if name in out:
+                    raise RuntimeError(f"two {name} callbacks have a checkpoint state: it is keyed by class name")
+                out[name] = state
+        return out
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        """Give each callback its state from a checkpoint's `callbacks` entry (those it holds one for)."""
+        for cb in self.callbacks:
+            if type(cb).__name__ in states and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(states[type(cb).__name__])
 
     def __iter__(self):
         return iter(self.callbacks)

@@ -422,9 +422,10 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
     if c.kind == "none":
         return
     if c.kind == "difficulty":
-        from picotron_jax.data.curriculum_checks import validate_difficulty
+        from picotron_jax.data.curriculum_checks import validate_difficulty, validate_gated
 
-        return validate_difficulty(c)
+        validate_difficulty(c)
+        return validate_gated(cfg) if c.pacing == "gated" else None
     _need(c.pacing in CURRICULUM_PACINGS, f"config field 'curriculum.pacing' = {c.pacing!r}: valid values are "
                                           f"{', '.join(CURRICULUM_PACINGS)}")
     _need(c.seq_len_step >= 1 and T % c.seq_len_step == 0,
@@ -442,6 +443,11 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
         _need(lengths[-1] == T, f"config field 'curriculum.discrete_lengths' = {lengths}: the last length must be "
                                 f"train.seq_len = {T}")
         starts = lengths
+    elif c.pacing == "gated":
+        from picotron_jax.data.curriculum_checks import validate_gated
+
+        validate_gated(cfg)
+        starts = [c.start_seq_len]
     else:
         _need(c.steps >= 1, f"config field 'curriculum.steps' = {c.steps}: must be >= 1 (steps to reach "
                             f"train.seq_len)")

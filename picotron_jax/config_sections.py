@@ -294,7 +294,7 @@ class DebugConfig:
 
 CURRICULUM_KINDS = ("none", "seqlen", "difficulty")
 CURRICULUM_METRICS = ("compression", "rarity", "reference", "field")
-CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete")
+CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete", "gated")
 
 
 @dataclass
@@ -302,7 +302,7 @@ class CurriculumConfig:
     """Sequence-length warm-up (data/curriculum.py): short sequences first, DeepSpeed's pacing functions."""
 
     kind: str = "none"  # none | seqlen (short -> long sequences) | difficulty (easy -> hard windows)
-    pacing: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete (DeepSpeed's schedule_type)
+    pacing: str = "fixed_linear"  # fixed_linear | fixed_root | fixed_discrete (DeepSpeed's schedule_type) | gated
     start_seq_len: int = 0  # the first stage's length (DeepSpeed's min_difficulty); required for kind=seqlen
     steps: int = 0  # steps to reach train.seq_len (DeepSpeed's total_curriculum_step); fixed_linear/fixed_root
     seq_len_step: int = 8  # lengths are multiples of this (DeepSpeed's difficulty_step): fewer buckets, compiles
@@ -314,6 +314,13 @@ class CurriculumConfig:
     reference_checkpoint: str = ""  # metric=reference: a checkpoints folder (newest step) or one step folder
     score_field: str = ""  # metric=field: the .jsonl/.parquet field holding each document's difficulty
     start_percentile: int = 0  # kind=difficulty: the first steps draw from the easiest this-many percent (1..100)
+    # pacing=gated (data/curriculum_gate.py): one stage (bucket) more at a scheduled eval whose loss is below
+    # gate_loss, or whose stage's last gate_patience evals improved on its best before by < gate_min_delta
+    gate_loss: float = 0.0  # advance once an eval loss is <= this; 0 = off (plateaus only)
+    gate_patience: int = 2  # evals of a stage that must improve on its best before them ...
+    gate_min_delta: float = 0.01  # ... by at least this fraction of it, or the stage has plateaued
+    gate_delay: int = 4  # a stage decided at the eval of step e begins at step e + gate_delay (>= 4: read-ahead)
+    gate_stages: int = 4  # kind=difficulty: percentile stages, start_percentile to 100 evenly (seqlen: the buckets)
 
 
 META_TASKS = ("sine",)

@@ -167,11 +167,12 @@ class Session:
         if getattr(self, "checkpointer", None) is not None:
             self.checkpointer.wait()  # an asynchronous save still being written is a checkpoint to restore
         store = self.checkpointer.store if fallback and getattr(self, "checkpointer", None) else None
-        state, _, where = restore_train_state(location, self.built.setup.abstract, self.built.setup.shardings, self.cfg,
+        state, meta, where = restore_train_state(location, self.built.setup.abstract, self.built.setup.shardings, self.cfg,
                                               self.say, store, set_aside_unusable=fallback and self.run_dir is not None)
         if store is not None:
             self.checkpointer.reload()
         self.state = state
+        self.callbacks.load_state_dicts(meta.get("callbacks") or {})  # callback.py: state in the checkpoint
         self.say(f"resumed from {where} at step {int(state.step)}")
         if state.loss_scale is not None:  # fp16: promotions are re-derived from the saved overflow counts
             change = promoted_setup(self.cfg, self.built.rules, self.built.setup, jax.device_get(
@@ -187,8 +188,10 @@ class Session:
         if self.step_count in self.checkpointer.all_steps():
             return self.checkpointer.step_dir(self.step_count), None
         check_before_save(self)  # a non-finite state is never written (checkpoint/finite.py)
-        blocked = self.checkpointer.save(self.state, {"tokens_seen": self.step_count * self.built.tokens_per_step,
-                                                      "mesh": describe(self.built.mesh)})
+        extra = {"tokens_seen": self.step_count * self.built.tokens_per_step, "mesh": describe(self.built.mesh)}
+        if states := self.callbacks.state_dicts():
+            extra["callbacks"] = states
+        blocked = self.checkpointer.save(self.state, extra)
         return self.checkpointer.step_dir(self.step_count), blocked
 
     @classmethod

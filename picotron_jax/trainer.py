@@ -20,6 +20,7 @@ from picotron_jax.callback import CallbackList, LoopControl
 from picotron_jax.callbacks import build_callbacks
 from picotron_jax.config import Config
 from picotron_jax.data import prefetch
+from picotron_jax.data.loader import PREFETCH_BATCHES
 from picotron_jax.observe.metrics import median
 from picotron_jax.signals import StopFlag, reached_stop_point, stop_on_signals
 from picotron_jax.train.evaluate import evaluate as evaluate_split
@@ -145,7 +146,7 @@ class Trainer(session.Session):
         """Batches step_count .. end-1 on a background thread (the next one is read during the step)."""
         self._t_dispatch = time.perf_counter()
         read = self.callbacks.wrap_batches(self.built.batch)
-        return prefetch((read(i) for i in range(self.step_count, end)), size=2)
+        return prefetch((read(i) for i in range(self.step_count, end)), size=PREFETCH_BATCHES)
 
     def _read(self, index: int):
         self._t_dispatch = time.perf_counter()

@@ -119,7 +119,7 @@ def test_resumed_curriculum_run_continues_the_same_stages_bitwise(tmp_path):
 
 @pytest.mark.parametrize("override, field", [
     ("curriculum.kind=length", "curriculum.kind"),
-    ("curriculum.pacing=gated", "curriculum.pacing"),
+    ("curriculum.pacing=exponential", "curriculum.pacing"),
     ("curriculum.start_seq_len=6", "curriculum.start_seq_len"),
     ("curriculum.steps=0", "curriculum.steps"),
 ])

@@ -9,6 +9,8 @@ step `s` the optimizer step being taken (1-based):
                     capped at max
     fixed_linear:   fixed_root with root_degree = 1
     fixed_discrete: discrete_lengths[i] for the first i with s <= discrete_steps[i]; the last length after
+    gated:          the buckets in turn, one more each time the eval loss crosses curriculum.gate_loss or
+                    plateaus (data/curriculum_gate.py); the stage starts are the callback's checkpointed state
 
 JAX compiles once per shape, so the length is then snapped down to a *bucket*: a multiple of
 seq_len_step (and, with constant_tokens, a divisor of train.seq_len). `Curriculum.buckets(n)` lists the
@@ -22,7 +24,8 @@ step, DeepSpeed's and Composer's SeqLengthWarmup default).
 
 Determinism and resume: the length is a pure function of the step, so batch i is a pure function of
 (seed, data, curriculum config, i) and a resumed run continues the same stage sequence bitwise; there is
-no other curriculum state to checkpoint.
+no other curriculum state to checkpoint. With gated pacing it is a pure function of the step and the
+stage starts, which the checkpoint holds (SeqLenWarmup.state_dict).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from picotron_jax.callback import Callback
 from picotron_jax.config import Config, CurriculumConfig
+from picotron_jax.data.curriculum_gate import GatedCallback, PlateauGate
 from picotron_jax.data.loader import place_rows
 
 
@@ -55,13 +58,15 @@ def fixed_discrete(step: int, lengths: list[int], max_steps: list[int]) -> int:
 class Curriculum:
     """The sequence length of every step, and how a batch is rebuilt at that length."""
 
-    def __init__(self, c: CurriculumConfig, seq_len: int):
+    def __init__(self, c: CurriculumConfig, seq_len: int, eval_every: int = 0):
         self.c, self.seq_len = c, seq_len
         if c.pacing == "fixed_discrete":
             self.lengths = sorted(set(c.discrete_lengths))
         else:
             self.lengths = [L for L in range(c.seq_len_step, seq_len + 1, c.seq_len_step)
                             if L >= c.start_seq_len and (not c.constant_tokens or seq_len % L == 0)]
+        self.gate = PlateauGate(len(self.lengths), eval_every, c.gate_delay, c.gate_patience, c.gate_min_delta,
+                                c.gate_loss) if c.pacing == "gated" else None
 
     def difficulty(self, step: int) -> int:
         """The pacing function's value at optimizer step `step` (1-based), before snapping to a bucket."""
@@ -73,11 +78,17 @@ class Curriculum:
 
     def length(self, step: int) -> int:
         """The sequence length step `step` trains on: the largest bucket not above the pacing value."""
+        if self.gate is not None:
+            self.gate.check(step)
+            return self.lengths[min(self.gate.stage(step), len(self.lengths) - 1)]
         d = self.difficulty(step)
         return max([L for L in self.lengths if L <= d] or [self.lengths[0]])
 
     def buckets(self, steps: int) -> list[int]:
-        """The distinct lengths steps 1..`steps` use, ascending (one compilation each)."""
+        """The distinct lengths steps 1..`steps` use, ascending (one compilation each); gated: every bucket
+        (a stage may start at any evaluation)."""
+        if self.gate is not None:
+            return list(self.lengths)
         return sorted({self.length(s) for s in range(1, steps + 1)})
 
     def rows(self, batch: int, length: int) -> int:
@@ -102,13 +113,19 @@ class Curriculum:
         return place_rows(read_rows, self.rows(batch, L), L, sharding)
 
 
-class SeqLenWarmup(Callback):
+class SeqLenWarmup(GatedCallback):
     """The loop callback: reads every training batch at its step's length; logs the stage in each row
-    (`seq_len`, `curriculum_stage` = the bucket's index; `tokens` counts the step's tokens as always)."""
+    (`seq_len`, `curriculum_stage` = the bucket's index, with gated pacing `curriculum_stage_step` = the step
+    the stage began; `tokens` counts the step's tokens as always). With gated pacing it feeds the scheduled
+    eval losses to the gate and keeps the gate's state in the checkpoint (GatedCallback)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.curriculum = Curriculum(cfg.curriculum, cfg.train.seq_len)
+        self.curriculum = Curriculum(cfg.curriculum, cfg.train.seq_len, cfg.eval.every)
+        self.gate = self.curriculum.gate
+
+    def stage_label(self, stage: int) -> str:
+        return f"seq_len {self.curriculum.lengths[stage]}"
 
     def wrap_batches(self, read: Callable[[int], Any]) -> Callable[[int], Any]:
         run = getattr(read, "__self__", None)  # the Run whose `batch` this replaces (the first wrapper)
@@ -122,3 +139,5 @@ class SeqLenWarmup(Callback):
             L = self.curriculum.length(row["step"])
             row["seq_len"] = L
             row["curriculum_stage"] = self.curriculum.lengths.index(L)
+            if (gate := self.curriculum.gate) is not None:
+                row["curriculum_stage_step"] = gate.starts[gate.stage(row["step"])]

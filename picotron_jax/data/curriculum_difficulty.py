@@ -16,10 +16,12 @@ Pacing is DeepSpeed's percentile form: step s draws from the easiest pct(s) perc
 
     pct(s) = fixed_root(s, curriculum.steps, curriculum.start_percentile, 100, 1, degree)  (data/curriculum.py)
 
-with degree 1 for fixed_linear. Rows of batch i are windows order[u], u drawn uniformly from
+with degree 1 for fixed_linear, or, with `curriculum.pacing=gated` (data/curriculum_gate.py), the stages
+gated_percentiles(start_percentile, curriculum.gate_stages) in turn, one more each time the scheduled eval
+loss crosses curriculum.gate_loss or plateaus (the stage starts are then checkpointed). Rows of batch i are windows order[u], u drawn uniformly from
 [0, pool(i+1)) by a generator seeded by (train.seed, i), where order sorts the windows by score (stable)
 and pool(s) = ceil(pct(s) / 100 * windows). So batch i is a pure function of (seed, data, curriculum
-config, i) and a resumed run reads the same batches bitwise (no other state). From pct = 100 on, the
+config, i) and a resumed run reads the same batches bitwise (no other state; gated: and the stage starts). From pct = 100 on, the
 batches are the dataset's usual ones. Evaluation is untouched.
 """
 
@@ -34,11 +36,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from picotron_jax.callback import Callback
 from picotron_jax.config import Config, CurriculumConfig
 from picotron_jax.data.curriculum import fixed_root
 from picotron_jax.data.curriculum_fields import field_scores
 from picotron_jax.data.curriculum_reference import reference_key, reference_scores
+from picotron_jax.data.curriculum_gate import GatedCallback, PlateauGate, gated_percentiles
 from picotron_jax.data.loader import place_rows
 from picotron_jax.errors import UserError
 
@@ -108,14 +110,18 @@ def cached_scores(ds: Any, metric: str, cfg: Config | None = None) -> np.ndarray
 class DifficultyCurriculum:
     """Which windows step s may draw from, and the batches drawn from them."""
 
-    def __init__(self, c: CurriculumConfig, scores: np.ndarray, seed: int):
-        self.c, self.seed = c, seed
+    def __init__(self, c: CurriculumConfig, scores: np.ndarray, seed: int, gate: PlateauGate | None = None):
+        self.c, self.seed, self.gate = c, seed, gate
+        self.stages = gated_percentiles(c.start_percentile, c.gate_stages) if gate is not None else []
         self.scores = np.asarray(scores, np.float64)
         self.order = np.argsort(self.scores, kind="stable")  # easiest first
 
     def percentile(self, step: int) -> int:
         """pct(s): the share of windows (percent, easiest first) step `step` (1-based) draws from."""
         c = self.c
+        if self.gate is not None:
+            self.gate.check(step)
+            return self.stages[min(self.gate.stage(step), len(self.stages) - 1)]
         degree = 1 if c.pacing == "fixed_linear" else c.root_degree
         return fixed_root(min(step, c.steps), c.steps, c.start_percentile, 100, 1, degree)
 
@@ -140,13 +146,22 @@ class DifficultyCurriculum:
         return place_rows(read_rows, batch, ds.seq_len, sharding)
 
 
-class DifficultyWarmup(Callback):
+class DifficultyWarmup(GatedCallback):
     """The loop callback: reads every training batch from its step's pool; logs the stage in each row
-    (`curriculum_percentile` = pct(s), `difficulty_max` = the hardest score the pool holds)."""
+    (`curriculum_percentile` = pct(s), `difficulty_max` = the hardest score the pool holds; gated:
+    `curriculum_stage` and `curriculum_stage_step`, the step the stage began)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.curriculum: DifficultyCurriculum | None = None
+        c = cfg.curriculum
+        if c.pacing == "gated":  # before the data is read: a restore hands the gate its state first
+            self.gate = PlateauGate(len(gated_percentiles(c.start_percentile, c.gate_stages)), cfg.eval.every,
+                                    c.gate_delay, c.gate_patience, c.gate_min_delta, c.gate_loss)
+
+    def stage_label(self, stage: int) -> str:
+        c = self.cfg.curriculum
+        return f"the easiest {gated_percentiles(c.start_percentile, c.gate_stages)[stage]}% of the windows"
 
     def _build(self, ds: Any) -> DifficultyCurriculum:
         if self.curriculum is None:
@@ -155,7 +170,7 @@ class DifficultyWarmup(Callback):
                                 f"dataset (data.source a corpus or .jsonl/.parquet), not {type(ds).__name__}; "
                                 "use curriculum.kind=seqlen with this data")
             scores = cached_scores(ds, self.cfg.curriculum.metric, self.cfg)
-            self.curriculum = DifficultyCurriculum(self.cfg.curriculum, scores, self.cfg.train.seed)
+            self.curriculum = DifficultyCurriculum(self.cfg.curriculum, scores, self.cfg.train.seed, self.gate)
         return self.curriculum
 
     def wrap_batches(self, read: Callable[[int], Any]) -> Callable[[int], Any]:
@@ -171,3 +186,5 @@ class DifficultyWarmup(Callback):
             cur, step = self.curriculum, row["step"]
             row["curriculum_percentile"] = cur.percentile(step)
             row["difficulty_max"] = float(cur.scores[cur.order[cur.pool(step) - 1]])
+            if (gate := self.gate) is not None:
+                row["curriculum_stage"], row["curriculum_stage_step"] = gate.stage(step), gate.starts[gate.stage(step)]

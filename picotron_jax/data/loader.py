@@ -103,7 +103,12 @@ def place_rows(read: Callable[[np.ndarray], dict[str, np.ndarray]], batch: int, 
     return out
 
 
-def prefetch(iterator: Iterable[T], size: int = 2) -> Iterator[T]:
+PREFETCH_BATCHES = 2  # the training loop's prefetch depth (trainer.py)
+READ_AHEAD_STEPS = PREFETCH_BATCHES + 1  # during step s's events, batches up to step s + this may have been read
+# (PREFETCH_BATCHES queued, one more held by the thread waiting to queue it); step s + READ_AHEAD_STEPS + 1 not yet
+
+
+def prefetch(iterator: Iterable[T], size: int = PREFETCH_BATCHES) -> Iterator[T]:
     """Yield the items of `iterator`, computing up to `size` ahead on a background thread.
 
     Reading and device-putting batch i+1 then overlaps step i. Exceptions from the producer are
