@@ -95,3 +95,17 @@ def test_skip_is_an_action_for_spikes_only_where_the_step_can_take_it():
         tiny("single", "monitor.on_spike=drop").validate(1)
     tiny("single", "monitor.on_spike=skip").validate(1)
     assert not spike_guard.wanted(tiny("single", "monitor.on_spike=skip", "monitor.enabled=false"))
+
+
+def test_the_host_windows_are_checkpointed_too(tmp_path):
+    """With the other actions the monitor's own windows (observe/monitor.py) go into the checkpoint's
+    callback states, so a resumed run's windows are the uninterrupted run's."""
+    base = ("train.steps=8", "logging.every=1", "monitor.window=4", "checkpoint.every=6", "checkpoint.async_save=false")
+    whole = pj.Trainer(tiny("single", *base, "train.stop_at_step=6"), tmp_path)
+    whole.run()
+    saved = [cb for cb in whole.callbacks if type(cb).__name__ == "Monitor"][0].state_dict()
+    whole.close()
+    assert len(saved["loss_window"]) == 4 and len(saved["grad_window"]) == 4
+    resumed = pj.Trainer(tiny("single", *base), tmp_path, resume=True)
+    assert [cb for cb in resumed.callbacks if type(cb).__name__ == "Monitor"][0].state_dict() == saved
+    resumed.close()

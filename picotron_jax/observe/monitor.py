@@ -183,6 +183,16 @@ class Monitor(Callback):
         if self.alerts is not None:
             self.alerts.close()
 
+    def state_dict(self) -> dict:
+        """The host windows, checkpointed (callback.py) so that a resumed run judges spikes as it would have."""
+        return {"loss_window": list(self.loss_window.values), "grad_window": list(self.grad_window.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_window.values.clear()
+        self.loss_window.values.extend(state.get("loss_window", []))
+        self.grad_window.values.clear()
+        self.grad_window.values.extend(state.get("grad_window", []))
+
     # -- detectors ---------------------------------------------------------------------------
     def _check_step(self, trainer, step: int, loss: float, grad_norm: float, outputs: dict) -> None:
         self._checked, self._values = step, (loss, grad_norm)
