@@ -41,6 +41,7 @@ def test_a_one_off_nan_is_classified_transient_and_the_run_goes_on_with_the_reru
     assert summary.steps >= 7
 
 
+@pytest.mark.slow  # 14 steps, one restore
 def test_a_noise_batch_spike_is_reproducible_and_alerted(tmp_path):
     # the noise batch of step 13 costs about ln(256) = 5.55 nats; the window (steps 5-12) sits near 4.8
     trainer = pj.Trainer(tiny("single", "train.steps=14", "checkpoint.every=10", "checkpoint.async_save=false",

@@ -69,6 +69,7 @@ def test_a_late_loss_spike_is_skipped_inside_the_step_and_the_run_continues_as_o
     assert "in the train state" in alerts[0]["threshold"]
 
 
+@pytest.mark.slow  # three runs of 16 steps
 def test_the_windows_are_checkpointed_so_a_resumed_run_judges_and_trains_bitwise_alike(tmp_path):
     ckpt = ("checkpoint.every=10", "checkpoint.async_save=false")
     whole = pj.Trainer(tiny("single", *SPIKY, *ckpt, "faults.spike_step=13"), tmp_path / "whole")
