@@ -65,10 +65,10 @@ def test_corpus_tasks_are_deterministic_and_held_out_documents_never_train(lette
     pytest.param("maml", ["mesh.num_devices=4", "mesh.data=2", "mesh.tensor=2", "train.zero_stage=3"],
                  marks=pytest.mark.slow),
 ])
-def test_corpus_meta_gradient_on_the_sharded_mesh_equals_one_device(algorithm, layout):
+def test_corpus_meta_gradient_on_the_sharded_mesh_equals_one_device(letters, algorithm, layout):
     results = []
     for devices in (["mesh.num_devices=1", "mesh.data=1"], layout):
-        setup = build_meta(corpus_cfg(f"meta.algorithm={algorithm}", *devices))
+        setup = build_meta(corpus_cfg(f"data.source={letters}", f"meta.algorithm={algorithm}", *devices))
         meta, _ = setup.init()
         loss, grads = jax.jit(setup.learner.meta_grad)(meta, setup.tasks(3))
         results.append((float(loss), jax.tree.map(np.asarray, grads), meta["params"]["layers"]["wq"].sharding.spec))
@@ -77,13 +77,14 @@ def test_corpus_meta_gradient_on_the_sharded_mesh_equals_one_device(algorithm, l
     for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2), strict=True):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1)) > 1e-4  # a real gradient
-    assert loss1 < 6.0  # the next-byte loss of a fresh model is near log(256) = 5.55, not garbage
+    assert 3.0 < loss1 < 6.0  # a fresh model (log 256 = 5.55) after one inner step on a one-letter file
     if "mesh.tensor=2" in layout:
         assert "tensor" in jax.tree.leaves(tuple(spec))  # the Llama really is split over tensor
 
 
-def test_meta_command_with_corpus_tasks_writes_both_curves(tmp_path, capsys):
-    code = main(["meta", "--config", str(MESHES / "maml-corpus.yaml"), "--run-dir", str(tmp_path), *TINY])
+def test_meta_command_with_corpus_tasks_writes_both_curves(letters, tmp_path, capsys):
+    code = main(["meta", "--config", str(MESHES / "maml-corpus.yaml"), "--run-dir", str(tmp_path), *TINY,
+                 f"data.source={letters}"])
     assert code == 0
     result = json.loads((tmp_path / "adaptation.json").read_text())
     assert set(result) == {"meta", "baseline"} and len(result["meta"]) == len(result["baseline"]) == 4

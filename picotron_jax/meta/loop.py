@@ -84,7 +84,18 @@ class MetaSetup:
     def init(self) -> tuple[dict, Any]:
         """Meta-parameters and Adam state, laid out on the mesh."""
         meta = jax.device_put(self.learner.init(self.family.init()), self.meta_shardings)
-        return meta, jax.jit(self.optimizer.init)(meta)
+        return meta, jax.jit(self.optimizer.init, out_shardings=self.opt_shardings())(meta)
+
+    def opt_shardings(self, shardings: Any = None) -> Any:
+        """Adam's moments laid out like the meta-parameters (or `shardings`), its count replicated: the state
+        a step returns is laid out as the state it was given, so the step compiles once, not again on its
+        second call."""
+        shardings = self.meta_shardings if shardings is None else shardings
+        abstract = jax.eval_shape(self.optimizer.init, jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((), jnp.float32), shardings))
+        return optax.tree_map_params(self.optimizer, lambda _, sharding: sharding, abstract, shardings,
+                                     transform_non_params=lambda _: NamedSharding(self.mesh, P()),
+                                     is_leaf=lambda x: isinstance(x, NamedSharding))
 
     def step_fn(self) -> Callable:
         """Jitted (meta, opt_state, tasks) -> (meta, opt_state, mean query loss); meta and state donated."""
@@ -95,7 +106,7 @@ class MetaSetup:
             updates, opt_state = opt.update(grads, opt_state, meta)
             return optax.apply_updates(meta, updates), opt_state, loss
 
-        return jax.jit(step, donate_argnums=(0, 1), out_shardings=(self.meta_shardings, None, None))
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=(self.meta_shardings, self.opt_shardings(), None))
 
 
 def build_meta(cfg: Config, devices: list | None = None) -> MetaSetup:
@@ -138,10 +149,11 @@ def pretrain_baseline(setup: MetaSetup, gradient_evals: int) -> Any:
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    step = jax.jit(step, donate_argnums=(0, 1))
-    opt_state = opt.init(params)
-    for i in range(gradient_evals):
-        params, opt_state = step(params, opt_state, setup.tasks(i % m.steps))
+    opt_shardings = setup.opt_shardings(setup.meta_shardings["params"])
+    step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(setup.meta_shardings["params"], opt_shardings))
+    opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
+    for i in range(gradient_evals):  # one step in flight at a time (see run_meta)
+        params, opt_state = jax.block_until_ready(step(params, opt_state, setup.tasks(i % m.steps)))
     return params
 
 
@@ -155,8 +167,9 @@ def run_meta(cfg: Config, run_dir: str | Path | None = None, say: Callable[[str]
     meta, opt_state = setup.init()
     step = setup.step_fn()
     losses = []
-    for i in range(m.steps):
-        meta, opt_state, loss = step(meta, opt_state, setup.tasks(i))
+    for i in range(m.steps):  # one step in flight at a time: on XLA:CPU many programs in flight can deadlock in
+        # their collectives (train/evaluate.py; seen here: the corpus baseline's all-reduce on data=2, a loaded host)
+        meta, opt_state, loss = jax.block_until_ready(step(meta, opt_state, setup.tasks(i)))
         if (i + 1) % m.log_every == 0 or i + 1 == m.steps:
             losses.append((i + 1, float(loss)))
             say(f"meta step {i + 1}/{m.steps} | post-adaptation query loss {float(loss):.4f}")
