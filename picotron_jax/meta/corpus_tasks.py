@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from picotron_jax.config import Config
+from picotron_jax.config import Config, DataConfig
 from picotron_jax.data.corpus import Corpus
 from picotron_jax.data.tokenizer import ByteTokenizer, load_tokenizer
 from picotron_jax.errors import UserError
@@ -43,9 +43,9 @@ from picotron_jax.train.step import make_loss_sums
 @lru_cache(maxsize=4)
 def document_windows(source: str, text_field: str, tokenizer: str, vocab_size: int, window: int,
                      min_windows: int) -> tuple[np.ndarray, ...]:
-    """Per document (corpus order) with at least `min_windows` windows: its windows [n, window] int32."""
-    from picotron_jax.config import DataConfig
-
+    """Per document (corpus order) with at least `min_windows` windows: its windows [n, window] int32.
+    Memoised per process (reading the stdlib corpus takes seconds): a corpus edited during the process is
+    not re-read."""
     tok = load_tokenizer(tokenizer)
     if tok.vocab_size > vocab_size:
         raise UserError(f"config field 'model.vocab_size' = {vocab_size}: data.tokenizer = {tokenizer!r} has "
