@@ -3,6 +3,8 @@ as the command's table, a JSON and (with --plot, needs matplotlib) a PNG.
 
     PYTHONPATH=$PWD python benchmarks/meta_adaptation.py --config meshes/maml-sine.yaml \
         --out benchmarks/results/maml-sine.json --plot benchmarks/results/maml-sine.png [overrides]
+    PYTHONPATH=$PWD python benchmarks/meta_adaptation.py --config meshes/maml-corpus.yaml \
+        --out benchmarks/results/maml-corpus.json --plot benchmarks/figures/maml_corpus.png
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def main() -> None:
         steps = range(len(result["meta"]))
         ax.plot(steps, result["meta"], marker="o", label=f"meta-learned ({cfg.meta.algorithm})")
         ax.plot(steps, result["baseline"], marker="o", label="pre-trained (same gradient evaluations)")
-        ax.set_xlabel(f"inner SGD steps (lr {cfg.meta.inner_lr}) on {cfg.meta.k_support} points")
-        ax.set_ylabel("held-out query MSE")
+        corpus = cfg.meta.task == "corpus"
+        support = f"{cfg.meta.k_support} sequences of the file" if corpus else f"{cfg.meta.k_support} points"
+        ax.set_xlabel(f"inner SGD steps (lr {cfg.meta.inner_lr}) on {support}")
+        ax.set_ylabel("held-out query next-token loss (nats)" if corpus else "held-out query MSE")
         ax.set_title(f"{cfg.meta.task}: {cfg.meta.eval_tasks} held-out tasks")
         ax.legend()
         fig.tight_layout()

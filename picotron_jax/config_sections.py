@@ -323,7 +323,7 @@ class CurriculumConfig:
     gate_stages: int = 4  # kind=difficulty: percentile stages, start_percentile to 100 evenly (seqlen: the buckets)
 
 
-META_TASKS = ("sine",)
+META_TASKS = ("sine", "corpus")
 
 
 @dataclass
@@ -331,19 +331,20 @@ class MetaConfig:
     """Meta-learning (picotron_jax/meta, `picotron-jax meta`): tasks over mesh.data, the model over mesh.tensor
     (and mesh.data with train.zero_stage=3); the outer optimizer is Adam."""
 
-    task: str = "sine"  # sine: sinusoid regression with a small MLP (Finn et al. 2017)
+    task: str = "sine"  # sine: sinusoid regression with a small MLP (Finn et al. 2017) | corpus: one document of
+    # data.source per task, next-token prediction with the `model` section's Llama (meta/corpus_tasks.py)
     algorithm: str = "maml"  # maml (second order) | fomaml | reptile | metasgd (learned per-parameter inner LRs)
     inner_steps: int = 1  # SGD steps on a task's support set
     inner_lr: float = 0.01  # their learning rate (metasgd: the learned rates' initial value)
     remat: bool = True  # rematerialise each inner step: memory does not grow with the inner steps' activations
     steps: int = 1000  # outer (meta) steps
     tasks_per_step: int = 8  # tasks in one meta-batch, split over mesh.data
-    k_support: int = 10  # points to adapt on
-    k_query: int = 10  # held-out points of the same task scoring the adapted model
+    k_support: int = 10  # points (corpus: sequences of train.seq_len tokens) to adapt on
+    k_query: int = 10  # held-out points (sequences) of the same task scoring the adapted model
     outer_lr: float = 1.0e-3  # Adam
     hidden: int = 40  # the sine MLP's hidden width
     seed: int = 0
-    eval_tasks: int = 100  # held-out tasks of the adaptation curves
+    eval_tasks: int = 100  # held-out tasks of the adaptation curves (corpus: documents training never draws)
     eval_steps: int = 10  # the curves: query loss after 0 .. eval_steps inner steps
     log_every: int = 100
 MONITOR_ACTIONS = ("log", "alert", "skip", "rewind", "rerun", "stop")

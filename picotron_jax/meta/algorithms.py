@@ -30,10 +30,11 @@ LossFn = Callable[[Any, Any], jax.Array]
 
 
 def sgd_step(loss_fn: LossFn, theta: Any, batch: Any, lrs: Any, first_order: bool) -> Any:
-    """theta - lrs * grad loss_fn(theta, batch); `lrs` a scalar or a pytree like theta."""
-    g = jax.grad(loss_fn)(theta, batch)
-    if first_order:
-        g = jax.lax.stop_gradient(g)
+    """theta - lrs * grad loss_fn(theta, batch); `lrs` a scalar or a pytree like theta. First order: the
+    gradient is taken at stop_gradient(theta), so no derivative is traced through the inner backward pass
+    (stopping only its result left the outer differentiation to linearise it and throw it away: 5x slower
+    on the corpus Llama)."""
+    g = jax.grad(loss_fn)(jax.lax.stop_gradient(theta) if first_order else theta, batch)
     if isinstance(lrs, (int, float)) or (hasattr(lrs, "ndim") and lrs.ndim == 0):
         return jax.tree.map(lambda p, gp: p - lrs * gp, theta, g)
     return jax.tree.map(lambda p, gp, a: p - a * gp, theta, g, lrs)
@@ -74,6 +75,7 @@ class MetaLearner:
     inner_steps: int = 1
     inner_lr: float = 0.01
     remat: bool = True
+    spmd_axis: str | None = None  # the mesh axis of the task axis inside the loss's sharding constraints
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -110,5 +112,5 @@ class MetaLearner:
 
     def meta_grad(self, meta: dict, tasks: dict) -> tuple[jax.Array, dict]:
         """(mean post-adaptation query loss, mean meta-gradient) over a batch of tasks (leading axis)."""
-        losses, grads = jax.vmap(self.task_grad, in_axes=(None, 0))(meta, tasks)
+        losses, grads = jax.vmap(self.task_grad, in_axes=(None, 0), spmd_axis_name=self.spmd_axis)(meta, tasks)
         return losses.mean(), jax.tree.map(lambda g: g.mean(axis=0), grads)

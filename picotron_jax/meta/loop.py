@@ -1,14 +1,18 @@
 """Meta-training on the mesh (`picotron-jax meta`, `run_meta`): one jitted meta-step, adaptation curves.
 
 The meta-step is one program: the task batch is split over `data`, the model's arrays are laid out by
-`param_specs` (hidden units over `tensor`, with train.zero_stage=3 over `data` too; Meta-SGD's learned
+the task family's `param_specs` (the MLP's hidden units or the Llama's heads / MLP / vocabulary over `tensor`,
+with train.zero_stage=3 over `data` too; Meta-SGD's learned
 rates exactly like the parameters), the tasks are vmapped, the inner loop scanned under remat, and Adam
 updates the meta-parameters in place (donated).
 
-Evaluation: on `meta.eval_tasks` held-out tasks (task indices the training never draws), the query loss
-after 0 .. meta.eval_steps inner SGD steps, for the meta-learned initialisation and for a conventionally
-trained one: the same MLP trained with Adam on the pooled points of the same task batches, for as many
-gradient evaluations as the meta-training spent (meta.steps x (meta.inner_steps + 1)).
+The task kind (`meta.task`) is a TaskFamily (tasks.py): its task sampler, model init, loss and parameter
+specs; the loop itself is the same for sinusoids (sine.py's MLP) and corpus documents (corpus_tasks.py's Llama).
+
+Evaluation: on `meta.eval_tasks` held-out tasks (tasks the training never draws), the query loss after
+0 .. meta.eval_steps inner SGD steps, for the meta-learned initialisation and for a conventionally trained
+one: the same model trained with Adam on the pooled support and query data of the same task batches, for
+as many gradient evaluations as the meta-training spent (meta.steps x (meta.inner_steps + 1)).
 """
 
 from __future__ import annotations
@@ -30,9 +34,7 @@ from picotron_jax.config import Config, META_TASKS, resolve_mesh_shape
 from picotron_jax.errors import UserError
 from picotron_jax.mesh import build_mesh, run_devices
 from picotron_jax.meta.algorithms import ALGORITHMS, MetaLearner, adaptation_curve
-from picotron_jax.meta.sine import init_mlp, mse, param_specs, sample_tasks
-
-EVAL_OFFSET = 1 << 30  # held-out task batches: indices from here on (training draws 0 .. meta.steps - 1)
+from picotron_jax.meta.tasks import TaskFamily, task_family
 
 
 def check_meta(cfg: Config, num_devices: int) -> dict[str, int]:
@@ -72,18 +74,28 @@ class MetaSetup:
     meta_shardings: dict
     task_sharding: NamedSharding
     optimizer: Any
+    family: TaskFamily
 
-    def tasks(self, index: int, count: int | None = None) -> dict:
-        """Task batch `index`, placed with the task axis over `data`."""
-        m = self.cfg.meta
-        host = sample_tasks(m.seed, index, count or m.tasks_per_step, m.k_support, m.k_query)
+    def tasks(self, index: int, count: int | None = None, held_out: bool = False) -> dict:
+        """Task batch `index` (of the held-out tasks with `held_out`), placed with the task axis over `data`."""
+        host = self.family.sample_tasks(index, count or self.cfg.meta.tasks_per_step, held_out)
         return jax.tree.map(lambda x: jax.device_put(x, self.task_sharding), host)
 
     def init(self) -> tuple[dict, Any]:
         """Meta-parameters and Adam state, laid out on the mesh."""
-        params = init_mlp(self.cfg.meta.seed, self.cfg.meta.hidden)
-        meta = jax.device_put(self.learner.init(params), self.meta_shardings)
-        return meta, jax.jit(self.optimizer.init)(meta)
+        meta = jax.device_put(self.learner.init(self.family.init()), self.meta_shardings)
+        return meta, jax.jit(self.optimizer.init, out_shardings=self.opt_shardings())(meta)
+
+    def opt_shardings(self, shardings: Any = None) -> Any:
+        """Adam's moments laid out like the meta-parameters (or `shardings`), its count replicated: the state
+        a step returns is laid out as the state it was given, so the step compiles once, not again on its
+        second call."""
+        shardings = self.meta_shardings if shardings is None else shardings
+        abstract = jax.eval_shape(self.optimizer.init, jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((), jnp.float32), shardings))
+        return optax.tree_map_params(self.optimizer, lambda _, sharding: sharding, abstract, shardings,
+                                     transform_non_params=lambda _: NamedSharding(self.mesh, P()),
+                                     is_leaf=lambda x: isinstance(x, NamedSharding))
 
     def step_fn(self) -> Callable:
         """Jitted (meta, opt_state, tasks) -> (meta, opt_state, mean query loss); meta and state donated."""
@@ -94,7 +106,7 @@ class MetaSetup:
             updates, opt_state = opt.update(grads, opt_state, meta)
             return optax.apply_updates(meta, updates), opt_state, loss
 
-        return jax.jit(step, donate_argnums=(0, 1), out_shardings=(self.meta_shardings, None, None))
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=(self.meta_shardings, self.opt_shardings(), None))
 
 
 def build_meta(cfg: Config, devices: list | None = None) -> MetaSetup:
@@ -102,42 +114,46 @@ def build_meta(cfg: Config, devices: list | None = None) -> MetaSetup:
     sizes = check_meta(cfg, len(devices))
     mesh = build_mesh(cfg.mesh, devices)
     m = cfg.meta
-    learner = MetaLearner(mse, m.algorithm, m.inner_steps, m.inner_lr, m.remat)
-    specs = param_specs(m.hidden, sizes["tensor"], sizes["data"], cfg.train.zero_stage)
+    family = task_family(cfg, mesh, sizes)
+    learner = MetaLearner(family.loss, m.algorithm, m.inner_steps, m.inner_lr, m.remat, family.spmd_axis)
+    specs = family.param_specs()
     meta_specs = {"params": specs, **({"lrs": specs} if m.algorithm == "metasgd" else {})}
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), meta_specs, is_leaf=lambda x: isinstance(x, P))
-    return MetaSetup(cfg, mesh, learner, shardings, NamedSharding(mesh, P("data")), optax.adam(m.outer_lr))
+    return MetaSetup(cfg, mesh, learner, shardings, NamedSharding(mesh, P("data")), optax.adam(m.outer_lr), family)
 
 
 def curves(setup: MetaSetup, params: Any, lrs: Any, steps: int) -> list[float]:
     """Mean held-out query loss after 0 .. steps inner SGD steps (rates `lrs`) from `params`."""
-    m = setup.cfg.meta
-    losses = _curves(params, lrs, setup.tasks(EVAL_OFFSET, m.eval_tasks), steps)
+    losses = _curves(setup.family, params, lrs, setup.tasks(0, setup.cfg.meta.eval_tasks, held_out=True), steps)
     return [float(x) for x in np.asarray(losses).mean(axis=0)]
 
 
-@partial(jax.jit, static_argnums=3)
-def _curves(params: Any, lrs: Any, tasks: dict, steps: int) -> jax.Array:
+@partial(jax.jit, static_argnums=(0, 4))
+def _curves(family: TaskFamily, params: Any, lrs: Any, tasks: dict, steps: int) -> jax.Array:
     """[tasks, steps + 1] query losses (one compile serves the meta-learned and the baseline initialisation)."""
-    return jax.vmap(lambda t: adaptation_curve(mse, params, t["support"], t["query"], lrs, steps))(tasks)
+    return jax.vmap(lambda t: adaptation_curve(family.loss, params, t["support"], t["query"], lrs, steps),
+                    spmd_axis_name=family.spmd_axis)(tasks)
 
 
 def pretrain_baseline(setup: MetaSetup, gradient_evals: int) -> Any:
-    """The conventional initialisation: Adam on the pooled support and query points of the training task batches."""
-    m = setup.cfg.meta
-    params = jax.device_put(init_mlp(m.seed, m.hidden), setup.meta_shardings["params"])
+    """The conventional initialisation: Adam on the pooled support and query data of the training task batches
+    (the mean over the batch's tasks of each task's loss on its support + query data)."""
+    m, family = setup.cfg.meta, setup.family
+    params = jax.device_put(family.init(), setup.meta_shardings["params"])
     opt = optax.adam(m.outer_lr)
 
-    def step(params, opt_state, tasks):
+    def step(params, opt_state, tasks):  # per-task gradients vmapped (as the meta-step's), then their mean
         pooled = jax.tree.map(lambda s, q: jnp.concatenate([s, q], axis=1), tasks["support"], tasks["query"])
-        grads = jax.grad(mse)(params, pooled)
+        grads_N = jax.vmap(jax.grad(family.loss), in_axes=(None, 0), spmd_axis_name=family.spmd_axis)(params, pooled)
+        grads = jax.tree.map(lambda g: g.mean(axis=0), grads_N)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    step = jax.jit(step, donate_argnums=(0, 1))
-    opt_state = opt.init(params)
-    for i in range(gradient_evals):
-        params, opt_state = step(params, opt_state, setup.tasks(i % m.steps))
+    opt_shardings = setup.opt_shardings(setup.meta_shardings["params"])
+    step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(setup.meta_shardings["params"], opt_shardings))
+    opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
+    for i in range(gradient_evals):  # one step in flight at a time (see run_meta)
+        params, opt_state = jax.block_until_ready(step(params, opt_state, setup.tasks(i % m.steps)))
     return params
 
 
@@ -151,8 +167,9 @@ def run_meta(cfg: Config, run_dir: str | Path | None = None, say: Callable[[str]
     meta, opt_state = setup.init()
     step = setup.step_fn()
     losses = []
-    for i in range(m.steps):
-        meta, opt_state, loss = step(meta, opt_state, setup.tasks(i))
+    for i in range(m.steps):  # one step in flight at a time: on XLA:CPU many programs in flight can deadlock in
+        # their collectives (train/evaluate.py; seen here: the corpus baseline's all-reduce on data=2, a loaded host)
+        meta, opt_state, loss = jax.block_until_ready(step(meta, opt_state, setup.tasks(i)))
         if (i + 1) % m.log_every == 0 or i + 1 == m.steps:
             losses.append((i + 1, float(loss)))
             say(f"meta step {i + 1}/{m.steps} | post-adaptation query loss {float(loss):.4f}")

@@ -44,8 +44,10 @@ def _local_xent_stats(h_btD, w, tgt_bt, head_spec: str):
     """Per-token log-sum-exp over the whole vocabulary and the target logit, from this rank's slice."""
     logits_btv = jnp.einsum(head_spec, h_btD, w, preferred_element_type=jnp.float32)
     v = logits_btv.shape[-1]
-    # the max is only a shift for stability; it gets no gradient (the VJP below is written by hand)
-    max_bt = jax.lax.pmax(jnp.max(logits_btv, axis=-1), TENSOR)
+    # the max is only a shift for stability; it gets no gradient (the VJP below is written by hand), and
+    # stop_gradient keeps pmax (which has no derivative rule) out of the derivative of this VJP's residuals
+    # (second-order MAML differentiates the inner loop's gradient: meta/corpus_tasks.py)
+    max_bt = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits_btv, axis=-1)), TENSOR)
     sumexp_bt = jax.lax.psum(jnp.sum(jnp.exp(logits_btv - max_bt[..., None]), axis=-1), TENSOR)
     lse_bt = jnp.log(sumexp_bt) + max_bt
     ids_bt = tgt_bt - _local_vocab_range(v)
