@@ -174,6 +174,7 @@ def test_the_loop_prefetch_reads_at_most_read_ahead_steps_past_the_step_being_pr
     batches.close()
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_difficulty_gated_draws_from_the_stage_percentile_and_keeps_its_gate_in_the_checkpoint(tmp_path):
     assert gated_percentiles(20, 4) == [20, 46, 73, 100]  # 20 + 80 k // 3
     rng = np.random.default_rng(0)  # a small corpus whose lines differ in difficulty (test_curriculum_difficulty.py)

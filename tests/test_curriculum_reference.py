@@ -69,6 +69,7 @@ def test_reference_scores_equal_the_library_evaluation_of_each_window(corpus):
             assert scores[w] == pytest.approx(float(nll) / float(tokens), rel=1e-5)
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_reference_scores_on_a_tensor_and_data_parallel_mesh_equal_the_single_device_ones(corpus):
     single = _run_cfg(corpus)
     ds = _dataset(single)
@@ -99,6 +100,7 @@ def test_scores_are_cached_per_checkpoint_identity(corpus, monkeypatch):
         cr.reference_key(str(corpus[0] / "ref0" / "checkpoints" / "0"))  # folder = its newest step
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_a_run_with_reference_difficulty_trains_easiest_first(corpus):
     cfg = _run_cfg(corpus, "train.steps=1")
     with pj.Trainer(cfg) as trainer:

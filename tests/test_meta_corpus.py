@@ -82,6 +82,7 @@ def test_corpus_meta_gradient_on_the_sharded_mesh_equals_one_device(letters, alg
         assert "tensor" in jax.tree.leaves(tuple(spec))  # the Llama really is split over tensor
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_meta_command_with_corpus_tasks_writes_both_curves(letters, tmp_path, capsys):
     code = main(["meta", "--config", str(MESHES / "maml-corpus.yaml"), "--run-dir", str(tmp_path), *TINY,
                  f"data.source={letters}"])

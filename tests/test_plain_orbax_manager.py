@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 READ = """
 import os, sys, jax, numpy as np, orbax.checkpoint as ocp
@@ -33,6 +34,7 @@ def read(ckpt_dir, devices: int, out):
     return result.stdout
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_stock_checkpoint_manager_restores_only_on_the_saving_device_count_unless_given_numpy_args(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run = subprocess.run([sys.executable, "-m", "picotron_jax.cli", "train", "-c", "meshes/single.yaml",

@@ -26,6 +26,7 @@ def test_the_verdict_compares_bits():
     assert verdict(spike, 5.5, 2.0)[0] and not verdict(spike, 5.5, np.nextafter(2.0, 3.0))[0]
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_a_one_off_nan_is_classified_transient_and_the_run_goes_on_with_the_rerun_values(tmp_path):
     trainer = pj.Trainer(tiny("single", *CKPT, "train.steps=7", "faults.nan_step=5", "faults.transient=true",
                               "monitor.on_nan=rerun"), tmp_path)

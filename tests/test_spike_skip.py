@@ -43,6 +43,7 @@ def test_the_in_step_rule_equals_the_host_window_on_a_sequence_with_spikes():
     assert int(state.skipped) == 3 and int(state.loss.count) == 37
 
 
+@pytest.mark.slow  # default suite under 20 minutes
 def test_a_late_loss_spike_is_skipped_inside_the_step_and_the_run_continues_as_one_that_skipped_that_step(tmp_path):
     """Step 13 trains on a noise batch: with on_spike=skip the parameters after it equal those before it
     (bitwise), the alert row says skip, and every later loss equals a run whose step 13 was skipped
