@@ -296,31 +296,24 @@ class Monitor(Callback):
     # -- actions -----------------------------------------------------------------------------
     def _act(self, trainer, step, kind, detail, where, threshold, action, finite_state=True, message=""):
         message = message or f"{kind} at step {step}{f' ({where})' if where else ''}: {detail}"
-        if action == "rewind":
-            has_checkpoint = trainer.checkpointer is not None and bool(trainer.checkpointer.all_steps())
-            if not has_checkpoint:
-                action, message = "stop", f"{message} (monitor.on_* = rewind, but there is no checkpoint to rewind to)"
-            elif self.rewinds >= self.m.max_rewinds:
-                action, message = "stop", f"{message} (monitor.max_rewinds = {self.m.max_rewinds} rewinds used)"
-        if action == "rerun":
-            has_checkpoint = trainer.checkpointer is not None and bool(trainer.checkpointer.all_steps())
-            if not has_checkpoint:
-                action = "stop" if kind == "nan" else "alert"
-                message = f"{message} (monitor.on_* = rerun, but there is no checkpoint to run the step again from)"
+        if action in ("rewind", "rerun"):  # both restore the newest checkpoint, within monitor.max_rewinds
+            steps = trainer.checkpointer.all_steps() if trainer.checkpointer is not None else []
+            if not steps:
+                fallback = "stop" if action == "rewind" or kind == "nan" else "alert"
+                goal = "rewind to" if action == "rewind" else "run the step again from"
+                action, message = fallback, f"{message} (monitor.on_* = {action}, but there is no checkpoint to {goal})"
             elif self.rewinds >= self.m.max_rewinds:
                 action, message = "stop", f"{message} (monitor.max_rewinds = {self.m.max_rewinds} rewinds used)"
         if action == "skip":
             action = "skip" if "update_skipped" in trainer.last_outputs else "alert"
         self._open_alerts(trainer).record(step, kind, detail, where, threshold, action)
-        if action == "rerun":
+        if action in ("rewind", "rerun"):
             self.rewinds += 1
-            self._pending = PendingRerun(step, kind, *self._values, from_step=max(trainer.checkpointer.all_steps()))
             self._dirty = True
-            trainer.control.restore()
-        elif action == "rewind":
-            self.rewinds += 1
-            self._skip_to = step  # wrap_batches: the data continues after the bad step's batch
-            self._dirty = True
+            if action == "rerun":  # the same batches again, up to the suspicious step (observe/rerun.py)
+                self._pending = PendingRerun(step, kind, *self._values, from_step=max(steps))
+            else:
+                self._skip_to = step  # wrap_batches: the data continues after the bad step's batch
             trainer.control.restore()
         elif action == "stop":
             if finite_state and trainer.checkpointer is not None:

@@ -72,9 +72,9 @@ def judge(m, state: SpikeState, steps_taken: jax.Array, loss: jax.Array, grad_no
     loss_spike = judged & (loss > loss_limit)
     grad_spike = judged & (grad_norm > grad_limit)
     spike = loss_spike | grad_spike
-    new = SpikeState(loss=push(state.loss, loss, ~loss_spike & jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
-                     grad_norm=push(state.grad_norm, grad_norm,
-                                    ~grad_spike & jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = SpikeState(loss=push(state.loss, loss, ~loss_spike & finite),
+                     grad_norm=push(state.grad_norm, grad_norm, ~grad_spike & finite),
                      skipped=state.skipped + spike.astype(jnp.int32))
     metrics = {"loss_spike": loss_spike, "grad_spike": grad_spike, "spike_loss_limit": loss_limit,
                "spike_grad_limit": grad_limit, "spike_skips": new.skipped}
