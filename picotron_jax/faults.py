@@ -83,20 +83,20 @@ def _late_copy_program(x: jax.Array, seconds: float):
     return _LATE[key]
 
 
-def late_on_device(arr: jax.Array, device, seconds: float, compile_only: bool = False) -> jax.Array | None:
-    """`arr` with its shard on `device` made ready `seconds` late (the other shards as they are).
+def late_on_device(arr: jax.Array, device, seconds: float) -> jax.Array:
+    """`arr` with its shard on `device` made ready `seconds` late (the other shards as they are)."""
+    return jax.make_array_from_single_device_arrays(arr.shape, arr.sharding, [
+        _late_copy_program(s.data, seconds)(s.data) if s.device == device else s.data
+        for s in arr.addressable_shards])
 
-    Compile it first (`compile_only=True`, at run start): compiling between a step's dispatch and the
+
+def compile_late_copy(arr: jax.Array, device, seconds: float) -> None:
+    """Compile `late_on_device`'s program ahead (at run start): compiling between a step's dispatch and the
     copy's would let a short step finish first, and XLA:CPU runs a host callback whose input is ready
     inline, stalling the host instead of the device."""
-    on_device = [s.data for s in arr.addressable_shards if s.device == device]
-    if not on_device:  # the device holds no part of `arr` (another process's)
-        return None if compile_only else arr
-    program = _late_copy_program(on_device[0], seconds)
-    if compile_only:
-        return None
-    shards = [program(s.data) if s.device == device else s.data for s in arr.addressable_shards]
-    return jax.make_array_from_single_device_arrays(arr.shape, arr.sharding, shards)
+    for s in arr.addressable_shards:
+        if s.device == device:
+            _late_copy_program(s.data, seconds)
 
 
 def _replace(trainer, change) -> None:
@@ -168,7 +168,7 @@ class FaultInjector(Callback):
         c = self.cfg
         if self._sleeping_anywhere("device"):
             self._late_device = trainer.built.devices[c.device]
-            late_on_device(trainer.state.step, self._late_device, c.sleep_s, compile_only=True)
+            compile_late_copy(trainer.state.step, self._late_device, c.sleep_s)
             self._log(trainer, c.sleep_step, f"device {self._late_device.id} starts its step {c.sleep_s:g}s late "
                                              f"for {c.sleep_steps or 'all'} step(s)")
         if self._sleeping_anywhere("data"):
