@@ -64,3 +64,30 @@ def reference_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array)
     probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
     out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
     return out_BTGRK.reshape(B, T, H, K)
+
+
+def causal_logit_max(q_BTHK: jax.Array, k_BSGK: jax.Array, positions_T: jax.Array | None = None,
+                     positions_S: jax.Array | None = None, key_block: int = 1024) -> jax.Array:
+    """max over b, h and causal pairs (t, s) of the attention logit q_t . k_s / sqrt(K), in fp32: the monitor's
+    attention-logit max (a growing one is the classic precursor of a loss spike: Dehghani et al. 2023).
+
+    Causality is read from the positions (default arange: the natural order; context parallelism's zigzag
+    layout passes its own), so any column order works. The keys are visited in blocks of `key_block`, so
+    at most [B, G, R, T, key_block] scores exist at once. Meant for a `stop_gradient`ed q and k."""
+    B, T, H, K = q_BTHK.shape
+    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    pos_T = jnp.arange(T) if positions_T is None else positions_T
+    pos_S = pos_T if positions_S is None else positions_S
+    block = max(d for d in range(1, min(S, key_block) + 1) if S % d == 0)
+
+    def block_max(j):
+        k_BNGK = jax.lax.dynamic_slice_in_dim(k_BSGK, j * block, block, axis=1)
+        pos_N = jax.lax.dynamic_slice_in_dim(pos_S, j * block, block)
+        s_BGRTN = jnp.einsum("btgrk,bngk->bgrtn", q_BTGRK, k_BNGK, preferred_element_type=jnp.float32) * K**-0.5
+        return jnp.max(jnp.where(pos_T[:, None] >= pos_N[None, :], s_BGRTN, -jnp.inf))
+
+    if S == block:
+        return block_max(0)
+    return jax.lax.fori_loop(0, S // block, lambda j, m: jnp.maximum(m, block_max(j)),
+                             jnp.asarray(-jnp.inf, jnp.float32))

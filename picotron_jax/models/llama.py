@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from picotron_jax.compat import varying_axes
 from picotron_jax.config import ModelConfig, MoEConfig
 from picotron_jax.models import moe as moe_math
 from picotron_jax.models.attention import apply_rotary, rotary_tables
@@ -68,10 +69,16 @@ def decoder_block(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, o
 def attention_residual(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
                        attention_dtype=None, norm_dtypes: Mapping[str, jnp.dtype] | None = None) -> jax.Array:
     """x + Attn(norm(x))."""
+    return attention_residual_qk(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)[0]
+
+
+def attention_residual_qk(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
+                          attention_dtype=None, norm_dtypes: Mapping[str, jnp.dtype] | None = None):
+    """(x + Attn(norm(x)), the rotated queries, the keys): the monitor's layer probe reads q and k."""
     q_BTHK, k_BTGK, v_BTGK = attention_inputs(p, x_BTD, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
     with jax.named_scope("attention"):
         o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK).astype(x_BTD.dtype), "attention")
-    return attention_output(p, x_BTD, o_BTHK, ops)
+    return attention_output(p, x_BTD, o_BTHK, ops), q_BTHK, k_BTGK
 
 
 def attention_inputs(p: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
@@ -182,6 +189,16 @@ class Llama(nnx.Module):
         """As `hidden_states`, plus the MoE layers' stats (dict of [L_moe, ...], models/moe.py; None if dense).
         The pieces (`embed_tokens`, `run_layers`, `final_norm`) are the ones the pipeline's stage program
         calls (parallel/pipeline.py). `layer_tap(x_BTD, layer)`: see `run_layers`."""
+        return self.hidden_states_and_stats(tokens_BT, ops, compute_dtype, positions_T, module_dtypes, layer_stack,
+                                            layer_tap)[:2]
+
+    def hidden_states_and_stats(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS,
+                                compute_dtype=jnp.float32, positions_T: jax.Array | None = None,
+                                module_dtypes: Mapping[str, jnp.dtype] | None = None,
+                                layer_stack: Callable | None = None, layer_tap: Callable | None = None,
+                                probe_on: jax.Array | None = None):
+        """As `hidden_states_and_moe_stats`, plus the layer probe's statistics (`run_layers`; None without
+        `probe_on`)."""
         cfg = self.cfg
         x_BTD = embed_tokens(self.embed[...], tokens_BT, ops, compute_dtype, module_dtypes)
         positions_T = jnp.arange(tokens_BT.shape[1]) if positions_T is None else positions_T
@@ -192,8 +209,10 @@ class Llama(nnx.Module):
             moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype)
                           for k, v in self.moe.items()}
             moe = MoEStack(self.moe_cfg, self.moe_plan, moe_params)
-        x_BTD, stats = run_layers(stacked, x_BTD, cos_TK, sin_TK, cfg, ops, module_dtypes, layer_stack, layer_tap, moe)
-        return final_norm(x_BTD, self.final_norm[...], cfg, module_dtypes), stats
+        probe = None if probe_on is None else LayerProbe(probe_on, positions_T)
+        x_BTD, stats, probed = run_layers(stacked, x_BTD, cos_TK, sin_TK, cfg, ops, module_dtypes, layer_stack,
+                                          layer_tap, moe, probe=probe)
+        return final_norm(x_BTD, self.final_norm[...], cfg, module_dtypes), stats, probed
 
     def __call__(self, tokens_BT: jax.Array, ops: ParallelOps = LOCAL_OPS) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (full logits: for inference and inspection)."""
@@ -242,42 +261,108 @@ class MoEStack:
     params: dict  # [L_moe, ...]
 
 
+@dataclass(frozen=True)
+class LayerProbe:
+    """The monitor's per-layer activation statistics (train/monitor_stats.py), computed inside the layer scan
+    under a `lax.cond` on `on` (a traced bool: steps where it is false compute nothing): each decoder layer's
+    output mean square (`act_ms`) and its attention-logit max (`attn_logit_max`, `ParallelOps.attention_logit_max`).
+    `positions_T`: the columns' positions (context parallelism's zigzag layout; None = arange)."""
+
+    on: jax.Array
+    positions_T: jax.Array | None = None
+
+
+PROBE_FIELDS = ("act_ms", "attn_logit_max")
+PROBE_INDEX = "_probe_layer"  # the layer's index within the stack run, scanned with the params under a probe
+
+
+def _vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """x typed as varying over the mesh axes `ref` varies over (inside shard_map; the identity outside)."""
+    missing = tuple(sorted(varying_axes(ref) - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _probe_init(probe: LayerProbe, x_BTD: jax.Array, num_layers: int) -> dict:
+    return {k: _vary_like(jnp.zeros((num_layers,), jnp.float32), x_BTD) for k in PROBE_FIELDS}
+
+
+def _probe_record(probe: LayerProbe, acc: dict, layer: jax.Array, x_BTD, q_BTHK, k_BTGK, ops: ParallelOps) -> dict:
+    """acc with this layer's entries set (computed only when `probe.on`)."""
+    ref = acc[PROBE_FIELDS[0]]
+
+    def compute():
+        x = jax.lax.stop_gradient(x_BTD).astype(jnp.float32)
+        q, k = jax.lax.stop_gradient(q_BTHK), jax.lax.stop_gradient(k_BTGK)
+        vals = {"act_ms": jnp.mean(jnp.square(x)), "attn_logit_max": ops.attention_logit_max(q, k, probe.positions_T)}
+        return {n: _vary_like(v, ref) for n, v in vals.items()}
+
+    skip = lambda: {n: _vary_like(jnp.zeros((), jnp.float32), ref) for n in PROBE_FIELDS}  # noqa: E731
+    vals = jax.lax.cond(probe.on, compute, skip)
+    return {n: acc[n].at[layer].set(vals[n]) for n in PROBE_FIELDS}
+
+
 def run_layers(stacked: dict, x_BTD: jax.Array, cos_TK, sin_TK, cfg: ModelConfig, ops: ParallelOps,
                module_dtypes: Mapping[str, jnp.dtype] | None = None, layer_stack: Callable | None = None,
                layer_tap: Callable | None = None, moe: MoEStack | None = None,
-               first_layer: int | jax.Array = 0) -> tuple[jax.Array, dict | None]:
+               first_layer: int | jax.Array = 0, probe: LayerProbe | None = None,
+               ) -> tuple[jax.Array, dict | None, dict | None]:
     """Run the decoder layers stacked in `stacked` ([L', ...], already cast: `cast_layers`) in order:
-    x -> (x, MoE stats or None). `layer_stack(block, x, stacked, unroll)` scans a dense stack (remat
-    policies, train/remat.py); MoE models scan their mixed stack themselves (models/moe_layers.py).
+    x -> (x, MoE stats or None, probe stats or None). `layer_stack(block, x, stacked, unroll)` scans a dense
+    stack (remat policies, train/remat.py); MoE models scan their mixed stack themselves (models/moe_layers.py).
     `layer_tap(x_BTD, layer)` sees (and may change) every layer's output, `layer` its traced index
     counted from `first_layer` (the fault injector's hook, train/faults.py); without it the program is
-    unchanged."""
+    unchanged. `probe`: the per-layer statistics of `LayerProbe` ({field: f32[L']}), carried through the
+    scan beside x (the stacks see one opaque carry); without it the program is unchanged."""
     attention_dtype = (module_dtypes or {}).get("layers.attention")
     norm_dtypes = {m: d for m in ("attn_norm", "mlp_norm") if (d := (module_dtypes or {}).get(f"layers.{m}"))}
     tap = (lambda x, p: x) if layer_tap is None else (lambda x, p: layer_tap(x, p[LAYER_INDEX]))  # noqa: E731
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
     if layer_tap is not None:  # scanned with the layers, so each layer knows its index
         stacked = {**stacked, LAYER_INDEX: first_layer + jnp.arange(num_layers)}
+    carry = x_BTD
+    if probe is not None:
+        stacked = {**stacked, PROBE_INDEX: jnp.arange(num_layers)}
+        carry = (x_BTD, _probe_init(probe, x_BTD, num_layers))
 
-    def block(x, layer_params):
-        return tap(decoder_block(layer_params, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes),
-                   layer_params)
+    def attention(p, c):  # -> (x after attention, probe acc, q, k)
+        x, acc = c if probe is not None else (c, None)
+        x, q, k = attention_residual_qk(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
+        return x, acc, q, k
+
+    def leave(p, x, acc, q, k):  # the layer's output carry
+        x = tap(x, p)
+        return x if probe is None else (x, _probe_record(probe, acc, p[PROBE_INDEX], x, q, k, ops))
+
+    def block(c, layer_params):
+        if probe is None:
+            return tap(decoder_block(layer_params, c, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes),
+                       layer_params)
+        x, acc, q, k = attention(layer_params, c)
+        return leave(layer_params, dense_mlp_residual(layer_params, x, cfg, ops, norm_dtypes), acc, q, k)
+
+    def split(c):
+        return (c, None) if probe is None else c
 
     if moe is None:
-        return (layer_stack or scan_layers)(block, x_BTD, stacked, min(cfg.scan_unroll, num_layers)), None
+        x_BTD, probed = split((layer_stack or scan_layers)(block, carry, stacked, min(cfg.scan_unroll, num_layers)))
+        return x_BTD, None, probed
 
-    def moe_block(p, p_moe, x):
-        x = attention_residual(p, x, cos_TK, sin_TK, cfg, ops, attention_dtype, norm_dtypes)
+    def moe_block(p, p_moe, c):
+        x, acc, q, k = attention(p, c)
         with jax.named_scope("mlp_norm"):
             h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, norm_dtypes.get("mlp_norm"))
         y, stats = moe_math.moe_ffn(p_moe, h, moe.cfg, ops)
-        return tap(ops.constrain(x + y, ("batch", "seq", "embed")), p), stats
+        return leave(p, ops.constrain(x + y, ("batch", "seq", "embed")), acc, q, k), stats
 
     if layer_stack is None:
-        return run_mixed_stack(stacked, moe.params, x_BTD, moe.plan, lambda p, x: block(x, p), moe_block,
-                               cfg.scan_unroll)
-    remat = layer_stack.remat_block  # one policy for every layer (train/remat.py LayerStack)
-    return run_mixed_stack(stacked, moe.params, x_BTD, moe.plan, remat(lambda p, x: block(x, p)), remat(moe_block))
+        out, stats = run_mixed_stack(stacked, moe.params, carry, moe.plan, lambda p, c: block(c, p), moe_block,
+                                     cfg.scan_unroll)
+    else:
+        remat = layer_stack.remat_block  # one policy for every layer (train/remat.py LayerStack)
+        out, stats = run_mixed_stack(stacked, moe.params, carry, moe.plan, remat(lambda p, c: block(c, p)),
+                                     remat(moe_block))
+    x_BTD, probed = split(out)
+    return x_BTD, stats, probed
 
 
 def final_norm(x_BTD: jax.Array, scale_D: jax.Array, cfg: ModelConfig,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from picotron_jax.config import MoEConfig
 from picotron_jax.models import moe as moe_math
-from picotron_jax.models.attention import causal_attention
+from picotron_jax.models.attention import causal_attention, causal_logit_max
 
 
 class ParallelOps(Protocol):
@@ -29,6 +29,10 @@ class ParallelOps(Protocol):
 
     def attention(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array) -> jax.Array:
         """Causal attention over the whole sequence (a ring over `context` when it is split)."""
+
+    def attention_logit_max(self, q_BTHK: jax.Array, k_BTGK: jax.Array, positions_T: jax.Array | None) -> jax.Array:
+        """The largest causal attention logit over the whole batch, sequence and every head, f32 scalar
+        (`models/attention.causal_logit_max`; `positions_T` the columns' positions, None = arange)."""
 
     def sum_partials(self, y_BTD: jax.Array) -> jax.Array:
         """Sum the partial outputs of a projection whose input is split over `tensor` (Megatron's
@@ -63,6 +67,9 @@ class LocalOps:
 
     def attention(self, q_BTHK, k_BTGK, v_BTGK):
         return causal_attention(q_BTHK, k_BTGK, v_BTGK)
+
+    def attention_logit_max(self, q_BTHK, k_BTGK, positions_T):
+        return causal_logit_max(q_BTHK, k_BTGK, positions_T)
 
     def sum_partials(self, y_BTD):
         return y_BTD

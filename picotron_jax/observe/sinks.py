@@ -23,7 +23,7 @@ import yaml
 
 from picotron_jax.callback import Callback
 from picotron_jax.errors import UserError
-from picotron_jax.observe.step_fields import LAYER_FIELDS
+from picotron_jax.observe.step_fields import ACTIVATION_FIELDS, LAYER_FIELDS
 
 
 def _numbers(row: dict):
@@ -77,7 +77,7 @@ class TensorBoardSink(Callback):
         for key, value in _numbers(row):
             if key != "step":
                 w.add_scalar(f"train/{key}", value, step)
-        for key in LAYER_FIELDS:
+        for key in (*LAYER_FIELDS, *ACTIVATION_FIELDS):
             if key in row:
                 values = [v for v in row[key] if math.isfinite(v)]
                 if values:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 
 from picotron_jax.models import moe as moe_math
-from picotron_jax.models.attention import causal_attention
+from picotron_jax.models.attention import causal_attention, causal_logit_max
 from picotron_jax.parallel.context import context_attention
 from picotron_jax.parallel.expert import (
     capacity_local,
@@ -45,6 +45,11 @@ class MeshOps:
     def attention(self, q_BTHK, k_BTGK, v_BTGK):
         """Causal attention; with the sequence split over `context`, ring attention."""
         return context_attention(self.rules, q_BTHK, k_BTGK, v_BTGK)
+
+    def attention_logit_max(self, q_BTHK, k_BTGK, positions_T):
+        """Under GSPMD as written: the keys (sequence split over `context`) are gathered for the scores of
+        each device's queries, block by block; the max is reduced over the mesh by the compiler."""
+        return causal_logit_max(q_BTHK, k_BTGK, positions_T)
 
     def sum_partials(self, y_BTD):
         """Row-parallel partial sums: XLA inserts the all-reduce over `tensor` from the shardings."""
@@ -90,12 +95,22 @@ class StageOps:
     def attention(self, q_bTHK, k_bTGK, v_bTGK):
         """This rank's query heads, whole sequence. With replicated KV heads, each local query head h takes
         its own KV head (global h // R): the gather's transpose sums the KV gradients over `tensor`."""
-        if self.kv_replicated:
-            Hl, G = q_bTHK.shape[2], k_bTGK.shape[2]
-            R = Hl * jax.lax.axis_size(_TENSOR) // G  # query heads per KV head
-            kv_of_head = (jax.lax.axis_index(_TENSOR) * Hl + jax.numpy.arange(Hl)) // R
-            k_bTGK, v_bTGK = (jax.numpy.take(t, kv_of_head, axis=2) for t in (k_bTGK, v_bTGK))
+        k_bTGK, v_bTGK = self._own_kv_heads(q_bTHK, k_bTGK, v_bTGK)
         return causal_attention(q_bTHK, k_bTGK, v_bTGK)
+
+    def attention_logit_max(self, q_bTHK, k_bTGK, positions_T):
+        """Over this rank's heads, then the max over `tensor` (the other axes: the pipeline's reduction)."""
+        k_bTGK, _ = self._own_kv_heads(q_bTHK, k_bTGK, k_bTGK)
+        return jax.lax.pmax(causal_logit_max(q_bTHK, k_bTGK, positions_T), _TENSOR)
+
+    def _own_kv_heads(self, q_bTHK, k_bTGK, v_bTGK):
+        """With replicated KV heads: the KV head of each local query head (else k, v unchanged)."""
+        if not self.kv_replicated:
+            return k_bTGK, v_bTGK
+        Hl, G = q_bTHK.shape[2], k_bTGK.shape[2]
+        R = Hl * jax.lax.axis_size(_TENSOR) // G  # query heads per KV head
+        kv_of_head = (jax.lax.axis_index(_TENSOR) * Hl + jax.numpy.arange(Hl)) // R
+        return tuple(jax.numpy.take(t, kv_of_head, axis=2) for t in (k_bTGK, v_bTGK))
 
     def sum_partials(self, y_bTD):
         return jax.lax.psum(y_bTD, _TENSOR)

@@ -118,7 +118,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
     tables = {k: np.asarray(t) for k, t in sched.tables.items()}
     ops = StageOps(kv_replicated=mc.num_kv_heads % mesh.shape[TENSOR] != 0)
 
-    def local(params, micro, seed, flags):
+    def local(params, micro, seed, flags, probe_on):
         r = jax.lax.axis_index(PIPE)
         params = jax.tree.map(lambda x: _vary(x, act_axes), params)
         params = {**params, "layers": {k: a[:, 0] for k, a in params["layers"].items()}}  # [v, Lc, ...]
@@ -127,15 +127,16 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
 
         tap = None if layer_tap_of is None else layer_tap_of(flags)
 
-        def layers_with(stack, chunk_params, x_bTD, stage):
+        def layers_with(stack, probe, chunk_params, x_bTD, stage):
             stacked = llama.cast_layers(chunk_params, cd, module_dtypes)
-            return llama.run_layers(stacked, x_bTD, cos_TK, sin_TK, mc, ops, module_dtypes, stack, tap,
-                                    first_layer=stage * Lc)[0]
+            y_bTD, _, probed = llama.run_layers(stacked, x_bTD, cos_TK, sin_TK, mc, ops, module_dtypes, stack, tap,
+                                                first_layer=stage * Lc, probe=probe)
+            return y_bTD if probe is None else (y_bTD, probed)
 
-        def stage_forward(chunk_params, x_bTD, stage):
+        def stage_forward(chunk_params, x_bTD, stage, probe=None):
             if len(branches) == 1:
-                return layers_with(branches[0], chunk_params, x_bTD, stage)
-            fns = [functools.partial(layers_with, stack) for stack in branches]
+                return layers_with(branches[0], probe, chunk_params, x_bTD, stage)
+            fns = [functools.partial(layers_with, stack, probe) for stack in branches]
             return jax.lax.switch(jnp.asarray(branch_of_stage)[stage], fns, chunk_params, x_bTD, stage)
 
         def embed(table_vD, i):
@@ -148,28 +149,46 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
 
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, llama.head_param(mc), act_axes,
                     _vary(jnp.zeros((b, T, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
-                    _vary(seed.astype(F32), act_axes))
+                    _vary(seed.astype(F32), act_axes), probe_on)
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
-        nll, z, grads = _run_schedule(st, params)
+        nll, z, grads, probed = _run_schedule(st, params)
         nll, z = jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
         layer_grads = {k: jax.lax.psum(g, batch_axes)[:, None] for k, g in grads.pop("layers").items()}
         grads = {k: jax.lax.psum(g, act_axes) for k, g in grads.items()}  # embedding / head: first / last rank
-        return nll, z, {**grads, "layers": layer_grads}
+        if probed is not None:  # summed over microbatches, averaged over the token ranks (equal rows each)
+            ranks = int(np.prod([mesh.shape[a] for a in batch_axes]))
+            probed = {"act_ms": jax.lax.psum(probed["act_ms"], batch_axes)[:, None] / ranks,
+                      "attn_logit_max": jax.lax.pmax(probed["attn_logit_max"], batch_axes)[:, None]}
+        return nll, z, {**grads, "layers": layer_grads}, probed
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(param_specs, micro_specs, P(), P()),
-                            out_specs=(P(), P()) if forward_only else (P(), P(), param_specs))
+    probe_specs = {k: P(None, PIPE) for k in llama.PROBE_FIELDS}  # [v, p, Lc], like the layer gradients
 
-    def loss_and_grads(params, micro, seed=None, fault_flags=None):
+    def sharded(params, micro, seed, flags, probe_on):
+        if forward_only:
+            return jax.shard_map(lambda *a: local(*a, None), mesh=mesh, in_specs=(param_specs, micro_specs, P(), P()),
+                                 out_specs=(P(), P()))(params, micro, seed, flags)
+        if probe_on is None:
+            return (*jax.shard_map(lambda *a: local(*a, None)[:3], mesh=mesh,
+                                   in_specs=(param_specs, micro_specs, P(), P()),
+                                   out_specs=(P(), P(), param_specs))(params, micro, seed, flags), None)
+        return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, micro_specs, P(), P(), P()),
+                             out_specs=(P(), P(), param_specs, probe_specs))(params, micro, seed, flags, probe_on)
+
+    def loss_and_grads(params, micro, seed=None, fault_flags=None, probe_on=None):
+        """-> (nll sum, z sum, gradient sums, probe sums: {act_ms, attn_logit_max} f32[L] or None without
+        `probe_on`; act_ms summed over the microbatches)."""
         layers = {k: a.reshape(v, p, Lc, *a.shape[1:]) for k, a in params["layers"].items()}
         seed = jnp.ones((), F32) if seed is None else jnp.asarray(seed, F32)
         flags = jnp.zeros((2,), jnp.int32) if fault_flags is None else fault_flags
         if forward_only:
-            return sharded({**params, "layers": layers}, micro, seed, flags)
-        nll, z, grads = sharded({**params, "layers": layers}, micro, seed, flags)
+            return sharded({**params, "layers": layers}, micro, seed, flags, None)
+        nll, z, grads, probed = sharded({**params, "layers": layers}, micro, seed, flags, probe_on)
         grads["layers"] = {k: a.reshape(L, *a.shape[3:]) for k, a in grads["layers"].items()}
-        return nll, z, grads
+        if probed is not None:
+            probed = {k: a.reshape(L) for k, a in probed.items()}
+        return nll, z, grads, probed
 
     return loss_and_grads
 
@@ -193,6 +212,7 @@ class _Stage:
     head_loss: Callable  # ({"final_norm", head param}, y, microbatch) -> (objective, (nll, z))
     z_coef: float
     seed: jax.Array  # the backward's starting gradient (1, or the fp16 loss scale / tokens)
+    probe_on: jax.Array | None = None  # the monitor's layer probe (models/llama.py LayerProbe); None: off
 
     def ends(self, params: dict) -> dict:
         """The last stage's parameters: final norm and the head's (the embedding table when tied)."""
@@ -255,12 +275,22 @@ def _run_schedule(st: _Stage, params: dict):
         "grads_in": _vary(jnp.zeros((s.grad_slots, *b_T_D), st.zero_act.dtype), st.act_axes),
         "grads": acc, "nll": st.zero(), "z": st.zero(),
     }
+    if st.probe_on is not None:  # per chunk and layer of this rank: [v, Lc]
+        lc = jax.tree.leaves(params["layers"])[0].shape[1]
+        carry["probe"] = {k: _vary(jnp.zeros((s.v, lc), F32), st.act_axes) for k in llama.PROBE_FIELDS}
 
     def forward(row, c):
         i = row["f_mb"]
         x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: c["acts"][row["f_buf"]])
         c = {**c, "acts": c["acts"].at[row["f_buf"]].set(x)}
-        y = st.stage_forward(_chunk(params["layers"], row["f_chunk"]), x, row["f_chunk"] * p + st.rank)
+        chunk, stage = _chunk(params["layers"], row["f_chunk"]), row["f_chunk"] * p + st.rank
+        if st.probe_on is None:
+            y = st.stage_forward(chunk, x, stage)
+        else:  # the forward records the probe; B's recompute of the stage does not
+            y, probed = st.stage_forward(chunk, x, stage, llama.LayerProbe(st.probe_on))
+            k, old = row["f_chunk"], c["probe"]
+            c = {**c, "probe": {"act_ms": old["act_ms"].at[k].add(probed["act_ms"]),
+                                "attn_logit_max": old["attn_logit_max"].at[k].max(probed["attn_logit_max"])}}
 
         def loss(c, y):  # last stage: loss, and its gradient for this microbatch's B
             head_fn = lambda ends, y: st.head_loss(ends, y, i)  # noqa: E731
@@ -301,4 +331,4 @@ def _run_schedule(st: _Stage, params: dict):
         return {**c, "acts": acts, "grads_in": grads_in}, None
 
     c, _ = jax.lax.scan(slot, carry, st.tables)
-    return c["nll"], c["z"], c["grads"]
+    return c["nll"], c["z"], c["grads"], c.get("probe")

@@ -9,7 +9,11 @@ on any step whose gradient is non-finite (under a `lax.cond`, so the other steps
   stacks, whose leading axis counts only their own layers, are left out);
 * `layer_grad_finite` bool[L] and `module_grad_finite` bool[M] (M = the top-level modules, in sorted order
   of `MODULES(params)`), so the monitor can name where a non-finite gradient sits;
-* `layer_stats_step` bool: whether this step's per-layer fields were computed (zeros otherwise).
+* `layer_stats_step` bool: whether this step's per-layer fields were computed (zeros otherwise);
+* `layer_act_rms` f32[L] (root mean square of each decoder layer's output over the batch, sequence and
+  width) and `layer_attn_logit_max` f32[L] (its largest causal attention logit q.k/sqrt(K)), recorded by
+  the layers themselves during the forward pass (models/llama.py `LayerProbe`, no extra pass), on every
+  `monitor.layer_every`-th step only (`layer_act_step`; a non-finite gradient is known after the forward).
 
 Shapes: L decoder layers, M top-level parameter groups other than the layers.
 """
@@ -63,6 +67,31 @@ def layer_fields(params: dict, grads: dict, updates: dict, num_layers: int) -> d
                                                              for x in jax.tree.leaves(grads[m])]))
                                          for m in modules(grads)]),
     }
+
+
+def probe_on(cfg, step: jax.Array) -> jax.Array | None:
+    """Whether the layers record their activation statistics in this step (None: the monitor never asks)."""
+    if not (cfg.monitor.enabled and cfg.monitor.layer_stats):
+        return None
+    return (step + 1) % cfg.monitor.layer_every == 0
+
+
+def combine_probes(a: dict, b: dict) -> dict:
+    """Two microbatches' probe sums: mean squares add (divided once by `probe_fields`), maxima take the max."""
+    return {"act_ms": a["act_ms"] + b["act_ms"], "attn_logit_max": jnp.maximum(a["attn_logit_max"],
+                                                                                 b["attn_logit_max"])}
+
+
+def combine_groups(probed_G: dict) -> dict:
+    """Probe sums over ZeRO's data groups [G, L] (parallel/zero.py)."""
+    return {"act_ms": jnp.sum(probed_G["act_ms"], axis=0), "attn_logit_max": jnp.max(probed_G["attn_logit_max"],
+                                                                                      axis=0)}
+
+
+def probe_fields(probed: dict, count: int, on: jax.Array) -> dict[str, jax.Array]:
+    """The step outputs of the probe sums over `count` equal parts of the batch."""
+    return {"layer_act_rms": jnp.sqrt(probed["act_ms"] / count), "layer_attn_logit_max": probed["attn_logit_max"],
+            "layer_act_step": on}
 
 
 def step_stats(cfg, step: jax.Array, params: dict, grads: dict, updates: dict,

@@ -33,8 +33,10 @@ Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; mask: float32 [B,
 
 def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.PrecisionPolicy | None = None,
                    layer_stack: Callable | None = None) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
-    """params, batch[, fault flags] -> (objective sum, (nll sum, z sum, MoE stats)); sums over the batch's
-    unmasked tokens; the fault flags arm the fault injector's in-step faults (train/faults.py).
+    """params, batch[, fault flags] -> (objective sum, (nll sum, z sum, MoE stats, probe stats)); sums over the
+    batch's unmasked tokens; the fault flags arm the fault injector's in-step faults (train/faults.py);
+    `probe_on` (a traced bool) has the layers record the monitor's activation statistics (models/llama.py
+    `LayerProbe`: {act_ms, attn_logit_max} f32[L], else None).
 
     Dtypes follow the precision policy (train/precision.py), the layer scan the remat policy
     (or `layer_stack`, e.g. the probes of train/precision_analysis.py). The third aux output holds
@@ -47,19 +49,19 @@ def make_loss_sums(cfg: Config, rules: MeshRules, graphdef: Any, policy: mp.Prec
     z_coef = cfg.train.z_loss
     ops = MeshOps(rules)
 
-    def loss_sums(params, batch, fault_flags=None, layer_tap=None):
+    def loss_sums(params, batch, fault_flags=None, layer_tap=None, probe_on=None):
         model = nnx.merge(graphdef, nnx.State(params))
         tap = layer_tap  # the model's hook on every decoder layer's output (the layout bisect's probes)
         if fault_flags is not None:  # the fault injector's in-step faults (train/faults.py)
             batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
             tap = faults.layer_tap(cfg.faults, fault_flags)
         batch, positions_T = to_sequence_layout(batch, rules)
-        h_BTD, moe_stats = model.hidden_states_and_moe_stats(batch["inputs"], ops, compute_dtype, positions_T,
-                                                             module_dtypes, layer_stack, tap)
+        h_BTD, moe_stats, probed = model.hidden_states_and_stats(batch["inputs"], ops, compute_dtype, positions_T,
+                                                                 module_dtypes, layer_stack, tap, probe_on)
         nll, z = llama.head_loss(h_BTD, {llama.head_param(cfg.model): model.head_weight()}, batch["targets"],
                                  batch["mask"], cfg.model, ops, head_dtype)
         moe_stats = moe_aux.token_weighted(moe_stats, jnp.sum(batch["mask"].astype(jnp.float32)))
-        return nll + z_coef * z + moe_aux.balancing_objective(cfg.moe, moe_stats), (nll, z, moe_stats)
+        return nll + z_coef * z + moe_aux.balancing_objective(cfg.moe, moe_stats), (nll, z, moe_stats, probed)
 
     return loss_sums
 
@@ -102,8 +104,8 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
     inner_rules = zero.group_rules(rules) if grouped else rules
     loss_sums = make_loss_sums(cfg, inner_rules, setup.spec.graphdef, setup.policy)
 
-    def scaled_loss_sums(params, batch, scale, fault_flags):
-        objective, aux = loss_sums(params, batch, fault_flags)
+    def scaled_loss_sums(params, batch, scale, fault_flags, probe_on):
+        objective, aux = loss_sums(params, batch, fault_flags, probe_on=probe_on)
         return objective if scale is None else objective * scale, aux
 
     grad_of_sums = jax.value_and_grad(scaled_loss_sums, has_aux=True)
@@ -127,28 +129,30 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
                                             stage_stacks=stage_layer_stacks(cfg, sched.num_stages),
                                             layer_tap_of=functools.partial(faults.layer_tap, cfg.faults))
 
-    def gradient_sums(params, batch, sums_scale, fault_flags):
-        """(gradient sums, nll sum, z sum, MoE sums) over the batch, accumulated over m microbatches."""
+    def gradient_sums(params, batch, sums_scale, fault_flags, probe_on):
+        """(gradient sums, nll sum, z sum, MoE sums, probe sums) over the batch, accumulated over m microbatches
+        (probe sums: `act_ms` summed, `attn_logit_max` the max; monitor_stats.probe_fields divides)."""
         if m == 1:
-            (_, (nll, z, moe)), grads = grad_of_sums(params, batch, sums_scale, fault_flags)
-            return grads, nll, z, moe
+            (_, (nll, z, moe, probed)), grads = grad_of_sums(params, batch, sums_scale, fault_flags, probe_on)
+            return grads, nll, z, moe, probed
         micro = split_microbatches(batch, m, inner_rules)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
 
         def accumulate(carry, mb):
-            g_acc, nll_acc, z_acc, moe_acc = carry
-            (_, (nll, z, moe)), g = grad_of_sums(params, mb, sums_scale, fault_flags)
+            g_acc, nll_acc, z_acc, moe_acc, probe_acc = carry
+            (_, (nll, z, moe, probed)), g = grad_of_sums(params, mb, sums_scale, fault_flags, probe_on)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, nll_acc + nll, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe)), None
+            return (g_acc, nll_acc + nll, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe),
+                    monitor_stats.combine_probes(probe_acc, probed)), None
 
-        moe_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale,
-                                    fault_flags)[0][1][2]
-        moe0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
-        (grads, nll, z, moe), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, moe0), micro)
-        return grads, nll, z, moe
+        aux_shapes = jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), sums_scale,
+                                    fault_flags, probe_on)[0][1]
+        moe0, probe0 = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t) for t in aux_shapes[2:4])
+        (grads, nll, z, moe, probed), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, moe0, probe0), micro)
+        return grads, nll, z, moe, probed
 
-    def grads_and_metrics(params, batch, scale=None, fault_flags=None):
+    def grads_and_metrics(params, batch, scale=None, fault_flags=None, probe_on=None):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
@@ -156,21 +160,26 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
             if fault_flags is not None:
                 batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
             micro = split_microbatches(batch, cfg.pipeline.microbatches, rules)
-            nll, z, grads = pipelined(params, micro, sums_scale, fault_flags)
-            moe = None
+            nll, z, grads, probed = pipelined(params, micro, sums_scale, fault_flags, probe_on)
+            moe, probe_count = None, cfg.pipeline.microbatches
         elif grouped:  # parallel/zero.py: each data rank's gradient sums, reduce-scattered over data
             if fault_flags is not None:  # the noise spike on the whole batch, as without groups
                 batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
                 fault_flags = fault_flags.at[faults.SPIKE].set(0)
-            sums_G = jax.vmap(gradient_sums, in_axes=(None, 0, None, None), spmd_axis_name=zero.ZERO_AXIS)
-            grads_G, nll_G, z_G, moe = sums_G(params, zero.split_data_groups(batch, rules), sums_scale, fault_flags)
+            sums_G = jax.vmap(gradient_sums, in_axes=(None, 0, None, None, None), spmd_axis_name=zero.ZERO_AXIS)
+            grads_G, nll_G, z_G, moe, probed_G = sums_G(params, zero.split_data_groups(batch, rules), sums_scale,
+                                                        fault_flags, probe_on)
             grads = zero.reduce_scatter_groups(rules, grads_G, spec.logical_axes, spec.shapes)
             nll, z = jnp.sum(nll_G), jnp.sum(z_G)
+            probed, probe_count = monitor_stats.combine_groups(probed_G), m * rules.mesh.shape[zero.ZERO_AXIS]
         else:
-            grads, nll, z, moe = gradient_sums(params, batch, sums_scale, fault_flags)
+            grads, nll, z, moe, probed = gradient_sums(params, batch, sums_scale, fault_flags, probe_on)
+            probe_count = m
         grad_denom = denom if scale is None else scale
         grads = jax.tree.map(lambda g: (g / grad_denom).astype(jnp.float32), grads)
         metrics = {"loss": nll / denom, "z_loss": z / denom, "tokens": tokens, **moe_aux.step_metrics(moe, denom)}
+        if probe_on is not None:  # the monitor's per-layer activation statistics (train/monitor_stats.py)
+            metrics = {**metrics, **monitor_stats.probe_fields(probed, probe_count, probe_on)}
         return metrics, grads
 
     return grads_and_metrics
@@ -191,7 +200,8 @@ def build_train_step(cfg: Config, rules: MeshRules, setup: StateSetup):
 
     def update(state: TrainState, batch: Batch, fault_flags):
         scaler = state.loss_scale
-        metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale, fault_flags)
+        metrics, grads = grads_and_metrics(state.params, batch, None if scaler is None else scaler.scale, fault_flags,
+                                           monitor_stats.probe_on(cfg, state.step))
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         with jax.named_scope("optimizer"):
             updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
