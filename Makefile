@@ -11,7 +11,7 @@ ifeq ($(findstring --xla_force_host_platform_device_count,$(XLA_FLAGS)),)
 export XLA_FLAGS := $(strip $(XLA_FLAGS) --xla_force_host_platform_device_count=$(CPU_DEVICES))
 endif
 
-.PHONY: train test test-slow test-notebooks notebooks bench install clean
+.PHONY: train test test-slow test-notebooks notebooks bench install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian's Chromium and its WebDriver, for the dashboard's test in a real headless browser
+# (tests/test_dashboard_browser.py); installed only when missing (sudo only when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
 train: $(STAMP)
 	$(BIN)/picotron-jax train --config meshes/default.yaml
 
 # Two pytest-xdist workers: most of a test is single-threaded XLA compilation, so two share the 2 cores well.
 PYTEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test-slow: $(STAMP)

@@ -1,14 +1,13 @@
 """The monitor (observe/monitor.py): each detector is shown a fault injected through the fault injector
 (config `faults`) and catches it at its step; actions, alerts, webhook, TensorBoard and Prometheus; the
-goodput ledger, the plots and the live dashboard of the same run (the dashboard's page script runs in
-Node.js against the server with a minimal DOM: no browser is installed here)."""
+goodput ledger, the plots and the live dashboard's server on the same run (its page in a real headless
+browser: test_dashboard_browser.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import socket
-import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -21,7 +20,6 @@ import picotron_jax as pj
 from picotron_jax.callbacks import build_callbacks
 from picotron_jax.errors import UserError
 from picotron_jax.observe.dashboard import serve
-from picotron_jax.observe.dashboard_page import PAGE
 from picotron_jax.observe.monitor import Monitor, RobustWindow
 from picotron_jax.observe.step_time import ROW_CLASSES
 from helpers import MESHES
@@ -265,25 +263,6 @@ def test_rewinds_are_bounded_then_the_run_stops_with_exit_code_4(tmp_path, capsy
                                                                                   (3, "nan", "stop")]
 
 
-# a DOM just large enough for the page's script: elements keep their text, attributes and children
-FAKE_DOM = r"""
-const els = {};
-function node(tag) { return {tag, attrs: {}, children: [], textContent: "", innerHTML: "",
-  setAttribute(k, v) { this.attrs[k] = v; }, appendChild(c) { this.children.push(c); return c; }}; }
-globalThis.document = {getElementById: id => els[id] || (els[id] = node("div")), createElementNS: (ns, tag) => node(tag)};
-const base = process.argv[2];
-const realFetch = fetch;
-globalThis.fetch = (url, opts) => realFetch(base + url, opts);
-globalThis.setInterval = () => 0;
-"""
-REPORT = r"""
-setTimeout(() => { console.log(JSON.stringify({status: document.getElementById("status").textContent, summary: document.getElementById("summary").textContent,
-  alerts: document.getElementById("alerts").innerHTML, loss: document.getElementById("loss").children.filter(c => c.tag === "polyline").length,
-  marks: document.getElementById("loss").children.filter(c => c.tag === "line" && c.attrs.stroke === "red").length,
-  layers: document.getElementById("layers").children.filter(c => c.tag === "rect").length, config: document.getElementById("config").textContent.length})); }, 500);
-"""
-
-
 def get(url: str):
     with urllib.request.urlopen(url, timeout=10) as response:
         body = response.read().decode()
@@ -315,25 +294,6 @@ def test_the_dashboard_serves_the_rows_the_alerts_and_prometheus_text_and_follow
     with open(run_dir / "metrics.jsonl", "a") as f:  # the run goes on: the next poll shows the new row
         f.write(json.dumps({**rows[-1], "step": 9, "loss": 4.5}) + "\n")
     assert get(url + "/api/metrics")[-1]["step"] == 9 and "picotron_step 9.0" in get(url + "/metrics")
-
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
-def test_the_pages_script_draws_the_latest_step_the_charts_and_the_anomaly(copied, tmp_path):
-    run_dir, url = copied
-    script = tmp_path / "page.mjs"
-    script.write_text(FAKE_DOM + PAGE.split("<script>")[1].split("</script>")[0] + REPORT)
-    out = json.loads(subprocess.run(["node", str(script), url], capture_output=True, text=True, timeout=60,
-                                    check=True).stdout)
-    assert out["status"] == "step 8" and "1 anomalies" in out["summary"] and out["summary"].startswith("loss ")
-    assert out["loss"] == 1 and out["marks"] == 1  # the train loss line (no eval rows) and the NaN of step 5
-    assert "nan" in out["alerts"] and "rewind" in out["alerts"] and out["config"] > 0
-    assert out["layers"] == 3  # the NaN step's per-layer norms: one column of 3 layers
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-        f.write(json.dumps({**json.loads(rows[-1]), "step": 9}) + "\n")
-    again = json.loads(subprocess.run(["node", str(script), url], capture_output=True, text=True, timeout=60,
-                                      check=True).stdout)
-    assert again["status"] == "step 9"
 
 
 def test_the_trainer_serves_its_own_dashboard_and_a_busy_port_is_refused(rewound, capsys):
