@@ -8,6 +8,7 @@ without a reload."""
 from __future__ import annotations
 
 import json
+import time
 import os
 import tempfile
 
@@ -139,6 +140,14 @@ def test_the_dashboard_in_headless_chromium_shows_the_latest_step_and_follows_ap
         assert count(browser, "#loss line[stroke='red']") == 2
         assert count(browser, "#layers rect") == 3 * LAYERS  # step 12's column added
         assert browser.execute_script("return window.sameDocument === true")  # updated in place, not reloaded
+
+        # a rewind redoes step 12: its newest row stands for the step, the lines do not double back
+        loss_points = len(browser.find_element(By.CSS_SELECTOR, "#loss polyline").get_attribute("points").split())
+        append(run_dir / "metrics.jsonl", [train_row(12, 3.4)])
+        time.sleep(2 * POLL_S)
+        assert text_of(browser, "status") == "step 14"  # the highest step, not the last row written
+        assert len(browser.find_element(By.CSS_SELECTOR, "#loss polyline").get_attribute("points").split()) \
+            == loss_points == 7  # steps 2, 4, ..., 14 once each
     finally:
         server.shutdown()
         server.server_close()

@@ -53,10 +53,12 @@ function heat(rows){
 }
 function table(id,head,rows){document.getElementById(id).innerHTML="<tr>"+head.map(h=>`<th>${h}</th>`).join("")+"</tr>"+
   rows.map(r=>"<tr>"+r.map(c=>`<td>${String(c).replace(/</g,"&lt;")}</td>`).join("")+"</tr>").join("")}
+// a rewind or rerun writes its redone steps again: the newest row of each step counts, in step order
+function latest(rs){const m=new Map();rs.forEach(r=>m.set(r.step,r));return [...m.values()].sort((a,b)=>a.step-b.step)}
 async function update(){
   try{
     const rows=await (await fetch("/api/metrics",{cache:"no-store"})).json();const info=await (await fetch("/api/run",{cache:"no-store"})).json();
-    const train=rows.filter(r=>r.kind==="train"),evals=rows.filter(r=>r.kind==="eval"),last=train[train.length-1];
+    const train=latest(rows.filter(r=>r.kind==="train")),evals=latest(rows.filter(r=>r.kind==="eval")),last=train[train.length-1];
     const marks=info.alerts.map(a=>a.step);const ser=(rs,k,f)=>rs.filter(r=>fin(r[k])).map(r=>[r.step,f?f(r[k]):r[k]]);
     document.getElementById("status").textContent=last?`step ${last.step}`:"no rows yet";
     document.getElementById("summary").textContent=last?`loss ${last.loss.toFixed(4)} | ${fin(last.tokens_per_s)?Math.round(last.tokens_per_s):"n/a"} tokens/s | MFU ${fin(last.mfu)?(100*last.mfu).toFixed(1)+"%":"n/a"} | goodput ${fin(last.goodput)?(100*last.goodput).toFixed(1)+"%":"n/a"} | ${info.alerts.length} anomalies`:"";
