@@ -426,6 +426,8 @@ def validate_curriculum(cfg: Config, sizes: dict[str, int]) -> None:
 
         validate_difficulty(c)
         return validate_gated(cfg) if c.pacing == "gated" else None
+    _need(c.mix_temperature == 0, f"config field 'curriculum.mix_temperature' = {c.mix_temperature}: mixing draws "
+                                  "windows by difficulty, kind=difficulty only; set it to 0 for kind=seqlen")
     _need(c.pacing in CURRICULUM_PACINGS, f"config field 'curriculum.pacing' = {c.pacing!r}: valid values are "
                                           f"{', '.join(CURRICULUM_PACINGS)}")
     _need(c.seq_len_step >= 1 and T % c.seq_len_step == 0,

@@ -293,7 +293,7 @@ class DebugConfig:
 
 
 CURRICULUM_KINDS = ("none", "seqlen", "difficulty")
-CURRICULUM_METRICS = ("compression", "rarity", "reference", "field")
+CURRICULUM_METRICS = ("compression", "rarity", "reference", "field", "length")
 CURRICULUM_PACINGS = ("fixed_linear", "fixed_root", "fixed_discrete", "gated")
 
 
@@ -310,10 +310,11 @@ class CurriculumConfig:
     discrete_lengths: list[int] = field(default_factory=list)  # fixed_discrete: the lengths, e.g. [32, 64, 128]
     discrete_steps: list[int] = field(default_factory=list)  # fixed_discrete: last step of each but the last length
     constant_tokens: bool = True  # rebuild the batch as global_batch * seq_len / L rows of L; false = truncate rows
-    metric: str = "compression"  # kind=difficulty: compression | rarity | reference | field (data/curriculum_difficulty.py)
+    metric: str = "compression"  # kind=difficulty: compression | rarity | reference | field | length (data/curriculum_difficulty.py)
     reference_checkpoint: str = ""  # metric=reference: a checkpoints folder (newest step) or one step folder
     score_field: str = ""  # metric=field: the .jsonl/.parquet field holding each document's difficulty
     start_percentile: int = 0  # kind=difficulty: the first steps draw from the easiest this-many percent (1..100)
+    mix_temperature: float = 0.0  # kind=difficulty: 0 = draw from the pool only; > 0 = harder windows too, decaying
     # pacing=gated (data/curriculum_gate.py): one stage (bucket) more at a scheduled eval whose loss is below
     # gate_loss, or whose stage's last gate_patience evals improved on its best before by < gate_min_delta
     gate_loss: float = 0.0  # advance once an eval loss is <= this; 0 = off (plateaus only)

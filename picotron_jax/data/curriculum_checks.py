@@ -35,6 +35,9 @@ def validate_difficulty(c: CurriculumConfig) -> None:
          "curriculum.start_percentile to 100)")
     need(c.pacing != "fixed_root" or c.root_degree >= 1,
          f"config field 'curriculum.root_degree' = {c.root_degree}: must be >= 1")
+    need(c.mix_temperature >= 0,
+         f"config field 'curriculum.mix_temperature' = {c.mix_temperature}: must be >= 0 (0 = draw only from the "
+         "easiest pool; e.g. 0.05 also draws harder windows, e^-1 as often 5 percentiles past the pool)")
 
 
 def validate_gated(cfg: Config) -> None:

@@ -10,7 +10,9 @@ difficulty score once, cached next to the token file:
 - `reference`: the mean token loss of a trained checkpoint (`curriculum.reference_checkpoint`) on it
   (curriculum_reference.py); the cache key holds the checkpoint's identity;
 - `field`: the token-weighted mean of the user's scores (`curriculum.score_field` of the .jsonl/.parquet
-  records) of the documents it spans (curriculum_fields.py).
+  records) of the documents it spans (curriculum_fields.py);
+- `length`: the token-weighted mean length of the documents it spans (a per-document score: short documents
+  first; the documents are read off the token file's end-of-document tokens, curriculum_fields.py).
 
 Pacing is DeepSpeed's percentile form: step s draws from the easiest pct(s) percent of the windows,
 
@@ -23,6 +25,11 @@ loss crosses curriculum.gate_loss or plateaus (the stage starts are then checkpo
 and pool(s) = ceil(pct(s) / 100 * windows). So batch i is a pure function of (seed, data, curriculum
 config, i) and a resumed run reads the same batches bitwise (no other state; gated: and the stage starts). From pct = 100 on, the
 batches are the dataset's usual ones. Evaluation is untouched.
+
+Mixing instead of hard filtering (`curriculum.mix_temperature` tau > 0): the draw also reaches past the pool,
+the window of rank u >= pool (of N, easiest first) weighted exp(-(u + 1 - pool) / (N tau)) against 1 for the
+pool's windows: the easy pool and the current frontier dominate, harder windows appear with a weight that
+falls off with their distance in quantile past the frontier (tau = 0.05: e^-1 at 5 percentiles past it).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import numpy as np
 
 from picotron_jax.config import Config, CurriculumConfig
 from picotron_jax.data.curriculum import fixed_root
-from picotron_jax.data.curriculum_fields import field_scores
+from picotron_jax.data.curriculum_fields import field_scores, length_scores
 from picotron_jax.data.curriculum_reference import reference_key, reference_scores
 from picotron_jax.data.curriculum_gate import GatedCallback, PlateauGate, gated_percentiles
 from picotron_jax.data.loader import place_rows
@@ -78,6 +85,11 @@ def _scorer(ds: Any, metric: str, cfg: Config | None) -> tuple[str, Callable[[],
     """(cache-name tag, the computation) of `metric`: the tag names what else the scores depend on."""
     if metric == "reference":
         return f"-{reference_key(cfg.curriculum.reference_checkpoint)}", lambda: reference_scores(ds, cfg)
+    if metric == "length":
+        from picotron_jax.data.tokenizer import load_tokenizer
+
+        eos_id = load_tokenizer(cfg.data.tokenizer).eos_id
+        return f"-eos{eos_id}", lambda: length_scores(ds, eos_id)
     if metric == "field":
         field = cfg.curriculum.score_field
         tag = hashlib.sha256(field.encode()).hexdigest()[:12]
@@ -131,7 +143,26 @@ class DifficultyCurriculum:
     def windows(self, index: int, batch: int) -> np.ndarray:
         """The windows of batch `index` (trained on by step index + 1), [batch]."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed % (1 << 64), _SALT, index]))
-        return self.order[rng.integers(0, self.pool(index + 1), batch)]
+        pool = self.pool(index + 1)
+        if self.c.mix_temperature == 0:
+            return self.order[rng.integers(0, pool, batch)]
+        cdf = self.mix_cdf(pool)
+        u = np.searchsorted(cdf, rng.random(batch) * cdf[-1], side="right")
+        return self.order[np.minimum(u, len(self.order) - 1)]
+
+    def mix_cdf(self, pool: int) -> np.ndarray:
+        """Cumulative draw weights of the ranks 0..N-1 with mixing (see the module docstring), [N]."""
+        n = len(self.order)
+        beyond = np.exp(-np.arange(1, n - pool + 1) / (n * self.c.mix_temperature))
+        return np.concatenate([np.arange(1, pool + 1, dtype=np.float64), pool + np.cumsum(beyond)])
+
+    def mix_share(self, step: int) -> float:
+        """The expected share of step `step`'s rows drawn from past the pool (0 without mixing)."""
+        pool = self.pool(step)
+        if self.c.mix_temperature == 0 or pool >= len(self.order):
+            return 0.0
+        cdf = self.mix_cdf(pool)
+        return float(1 - cdf[pool - 1] / cdf[-1])
 
     def read(self, ds: Any, index: int, batch: int, sharding: Any) -> dict:
         if self.percentile(index + 1) >= 100:
@@ -186,5 +217,7 @@ class DifficultyWarmup(GatedCallback):
             cur, step = self.curriculum, row["step"]
             row["curriculum_percentile"] = cur.percentile(step)
             row["difficulty_max"] = float(cur.scores[cur.order[cur.pool(step) - 1]])
+            if cur.c.mix_temperature > 0:
+                row["curriculum_mix_share"] = round(cur.mix_share(step), 4)
             if (gate := self.gate) is not None:
                 row["curriculum_stage"], row["curriculum_stage_step"] = gate.stage(step), gate.starts[gate.stage(step)]

@@ -101,6 +101,26 @@ def field_scores(ds: Any, data_cfg: DataConfig, field: str) -> np.ndarray:
         raise UserError(f"config field '{FIELD}' = {field!r}: the documents of data.source hold {int(lengths_D.sum())} "
                         f"tokens but the token file {ds.path} has {ds.num_tokens}; the corpus changed since it was "
                         f"tokenised: touch a file of data.source to tokenise it again")
+    return window_means(ds, lengths_D, scores_D)
+
+
+def length_scores(ds: Any, eos_id: int, chunk: int = 1 << 22) -> np.ndarray:
+    """`curriculum.metric=length`: the token-weighted mean length (tokens, its end-of-document token included)
+    of the documents each training window spans, float64 [num_sequences]. The documents are read off the token
+    file itself: each ends with the tokenizer's end-of-document id `eos_id` (dataset.py), the last one possibly
+    cut off by the held-out tail."""
+    ends = [np.flatnonzero(ds.take(np.arange(lo, min(lo + chunk, ds.num_tokens))) == eos_id) + lo
+            for lo in range(0, ds.num_tokens, chunk)]
+    ends_D = np.concatenate([*ends, np.asarray([], np.int64)]) + 1  # one past each document's last token
+    if not ends_D.size or ends_D[-1] != ds.num_tokens:
+        ends_D = np.append(ends_D, ds.num_tokens)
+    lengths_D = np.diff(np.concatenate([[0], ends_D])).astype(np.int64)
+    return window_means(ds, lengths_D, lengths_D.astype(np.float64))
+
+
+def window_means(ds: Any, lengths_D: np.ndarray, scores_D: np.ndarray) -> np.ndarray:
+    """The token-weighted mean of the scores of the documents (token counts `lengths_D`, in the token file's
+    order) that each training window of `ds` spans (the module docstring's formula), float64 [num_sequences]."""
     starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]])
     mass_D = np.concatenate([[0.0], np.cumsum(lengths_D * scores_D)[:-1]])  # S at each document's start
 
