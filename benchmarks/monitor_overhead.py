@@ -7,9 +7,11 @@ included), in interleaved rounds so that the machine's load falls on every varia
 Each variant builds and compiles its own trainer once; then every round times K steps of each variant
 (the order rotating from round to round). Printed: each variant's median tokens/s over the rounds and the
 median over rounds of its per-round cost against `off` (1 - tokens/s / off's tokens/s of the same round);
-and the same for the process's CPU seconds per step (`time.process_time`, every thread of the process):
-on a shared machine, other processes' load moves wall time by tens of percent per round, CPU seconds much
-less, so the CPU figure is the one that can resolve a cost of a few percent there.
+and the same for the process's CPU seconds per step (`time.process_time`, every thread of the process).
+Two figures that the machine's load does not move: each variant's matmul FLOPs per step (the jaxpr walk of
+memory/flops.py, loops counted by their trip counts; a per-layer step's extra work amortised over
+`monitor.layer_every` steps) and the host seconds per step the loop charged to its callbacks (the rows'
+`time_host_s`: the detectors, the sinks and the monitor's reads), which together are the monitor's cost.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def main(rounds: int, steps: int) -> None:
     tokens = trainers["off"].cfg.train.global_batch * trainers["off"].cfg.train.seq_len * steps
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}  # CPU seconds per step
+    host: dict[str, list[float]] = {name: [] for name in VARIANTS}  # the loop's callback seconds per step
     names = list(VARIANTS)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
-                trainers[name].step()
+                row = trainers[name].step()
+                host[name].append(row.get("time_host_s", 0.0))
             jax.block_until_ready(trainers[name].state)
             rates[name].append(tokens / (time.perf_counter() - t0))
             cpu[name].append((time.process_time() - c0) / steps)
@@ -60,8 +64,25 @@ def main(rounds: int, steps: int) -> None:
               f"CPU {statistics.median(cpu[name]):.3f} s/step, median per-round cost "
               f"{100 * statistics.median(cpu_cost):+.1f}% (range {100 * min(cpu_cost):+.1f} .. "
               f"{100 * max(cpu_cost):+.1f})")
+    for name, trainer in trainers.items():
+        flops = step_flops(trainer)
+        print(f"{name}: matmul {flops / 1e9:,.3f} GFLOP per step; host (callbacks) "
+              f"{statistics.median(host[name]) * 1e3:.2f} ms per step")
+    every = trainers["default"].cfg.monitor.layer_every
+    extra = step_flops(trainers["everything"]) - step_flops(trainers["off"])  # a per-layer step's extra matmuls
+    print(f"default: a per-layer step every {every}: {100 * extra / every / step_flops(trainers['off']):+.3f}% "
+          f"matmul FLOPs amortised; everything: {100 * extra / step_flops(trainers['off']):+.3f}%")
     for trainer in trainers.values():
         trainer.close()
+
+
+def step_flops(trainer) -> float:
+    """Matmul FLOPs of one call of the trainer's jitted step on its current state (trip counts included)."""
+    from picotron_jax.memory.flops import traced_flops_per_device
+
+    built = trainer.built
+    traced = built.train_step.trace(trainer.state, built.batch(0))
+    return traced_flops_per_device(traced, built.mesh.size)
 
 
 if __name__ == "__main__":

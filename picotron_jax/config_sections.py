@@ -359,6 +359,7 @@ class MonitorConfig:
     enabled: bool = True  # detectors and alerts; false = only the plain non-finite-loss stop
     layer_stats: bool = True  # per-layer gradient / parameter / update norms computed inside the jitted step
     layer_every: int = 10  # ... on every this many steps (and on any step whose gradient is non-finite)
+    layer_activations: bool = True  # ... and, on those steps, each layer's output RMS and attention-logit max
     check_every: int = 1  # the detectors read the step's loss and grad norm every this many steps (a host sync)
     window: int = 50  # steps of the rolling median / MAD of loss and grad norm
     warmup: int = 20  # steps at the start of each run() whose loss and grad norm are not judged

@@ -71,7 +71,7 @@ def layer_fields(params: dict, grads: dict, updates: dict, num_layers: int) -> d
 
 def probe_on(cfg, step: jax.Array) -> jax.Array | None:
     """Whether the layers record their activation statistics in this step (None: the monitor never asks)."""
-    if not (cfg.monitor.enabled and cfg.monitor.layer_stats):
+    if not (cfg.monitor.enabled and cfg.monitor.layer_stats and cfg.monitor.layer_activations):
         return None
     return (step + 1) % cfg.monitor.layer_every == 0
 
