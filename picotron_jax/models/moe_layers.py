@@ -97,7 +97,8 @@ def run_mixed_stack(
     """Run [dense x first_dense] then G x [MoE, dense x (n-1)]; returns x and the MoE stats [G, ...].
 
     `layers`: attention/norm params [L, ...] and dense MLP params [L_dense, ...]; `moe`: [G, ...].
-    `dense_block(p, x)`: one dense decoder layer; `moe_block(p, p_moe, x)`: one MoE decoder layer."""
+    `dense_block(p, x)`: one dense decoder layer; `moe_block(p, p_moe, x)`: one MoE decoder layer. `x` is the
+    scan's carry, passed through untouched: [B, T, D], or with the monitor's layer probe (models/llama.py) a pair."""
     d, n, G = plan.first_dense, plan.every_n, plan.num_moe
     attn = {k: v for k, v in layers.items() if k not in DENSE_MLP_PARAMS}
     mlp = {k: v for k, v in layers.items() if k in DENSE_MLP_PARAMS}
