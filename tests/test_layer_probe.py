@@ -18,7 +18,7 @@ import pytest
 
 from helpers import preset, setup, synthetic_batch
 from picotron_jax.models import llama
-from picotron_jax.models.attention import rotary_tables
+from picotron_jax.models.attention import causal_logit_max, rotary_tables
 from picotron_jax.models.ops import LOCAL_OPS
 from picotron_jax.train.faults import InStepFaults
 from picotron_jax.train.state import init_train_state
@@ -64,6 +64,19 @@ def by_hand(name: str) -> dict[str, np.ndarray]:
         x = llama.decoder_block(p, x, cos, sin, mc, LOCAL_OPS)
         rms.append(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))
     return {"layer_act_rms": np.asarray(rms), "layer_attn_logit_max": np.asarray(logit)}
+
+
+def test_the_blocked_logit_max_equals_the_whole_score_matrix_in_any_column_order():
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, 16, 4, 8)).astype(np.float32), rng.normal(size=(2, 16, 2, 8)).astype(np.float32)
+    pos = rng.permutation(16)  # the columns' positions (zigzag-like: any order)
+    scores = np.einsum("bthd,bshd->bhts", q, np.repeat(k, 2, axis=2)) / np.sqrt(8)
+    expected = scores[..., pos[:, None] >= pos[None, :]].max()
+    for block in (1, 4, 16):  # 16 keys in 16, 4 and 1 blocks
+        got = causal_logit_max(jnp.asarray(q), jnp.asarray(k), jnp.asarray(pos), key_block=block)
+        assert np.isclose(float(got), expected, rtol=1e-5), (block, float(got), expected)
+    assert float(causal_logit_max(jnp.asarray(q), jnp.asarray(k))) == pytest.approx(
+        scores[..., np.tril(np.ones((16, 16), bool))].max(), rel=1e-5)  # default: the natural order
 
 
 @pytest.fixture(scope="module")

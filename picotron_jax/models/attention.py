@@ -66,19 +66,24 @@ def reference_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array)
     return out_BTGRK.reshape(B, T, H, K)
 
 
+SCORES_BLOCK = 1 << 24  # causal_logit_max holds at most this many scores at once (64 MiB in fp32)
+
+
 def causal_logit_max(q_BTHK: jax.Array, k_BSGK: jax.Array, positions_T: jax.Array | None = None,
-                     positions_S: jax.Array | None = None, key_block: int = 1024) -> jax.Array:
+                     positions_S: jax.Array | None = None, key_block: int | None = None) -> jax.Array:
     """max over b, h and causal pairs (t, s) of the attention logit q_t . k_s / sqrt(K), in fp32: the monitor's
     attention-logit max (a growing one is the classic precursor of a loss spike: Dehghani et al. 2023).
 
     Causality is read from the positions (default arange: the natural order; context parallelism's zigzag
-    layout passes its own), so any column order works. The keys are visited in blocks of `key_block`, so
-    at most [B, G, R, T, key_block] scores exist at once. Meant for a `stop_gradient`ed q and k."""
+    layout passes its own), so any column order works. The keys are visited in blocks of `key_block` (default:
+    the most that keeps [B, G, R, T, key_block] within SCORES_BLOCK scores), so the memory does not grow with
+    T^2. Meant for a `stop_gradient`ed q and k."""
     B, T, H, K = q_BTHK.shape
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
     q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
     pos_T = jnp.arange(T) if positions_T is None else positions_T
     pos_S = pos_T if positions_S is None else positions_S
+    key_block = key_block or max(1, SCORES_BLOCK // (B * T * H))
     block = max(d for d in range(1, min(S, key_block) + 1) if S % d == 0)
 
     def block_max(j):
