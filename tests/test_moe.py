@@ -141,8 +141,9 @@ def test_dropless_equals_capacity_without_drops_and_gradients_match():
     (l_d, (y_d, s_d)), g_d = jax.value_and_grad(loss, has_aux=True)(p, "dropless")
     assert float(s_c["dropped"]) == 0.0
     np.testing.assert_allclose(y_d, y_c, rtol=1e-5, atol=1e-6)
-    for name in p:
-        np.testing.assert_allclose(g_d[name], g_c[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for name in p:  # atol relative to the largest entry, as tests/test_layouts.py (fp32 round-off of sums ~15)
+        scale = float(np.abs(g_c[name]).max())
+        np.testing.assert_allclose(g_d[name], g_c[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
     assert float(jnp.abs(g_d["router"]).max()) > 0  # the router learns through the combine weights
 
 

@@ -76,14 +76,19 @@ def probe_on(cfg, step: jax.Array) -> jax.Array | None:
     return (step + 1) % cfg.monitor.layer_every == 0
 
 
-def combine_probes(a: dict, b: dict) -> dict:
-    """Two microbatches' probe sums: mean squares add (divided once by `probe_fields`), maxima take the max."""
+def combine_probes(a: dict | None, b: dict | None) -> dict | None:
+    """Two microbatches' probe sums: mean squares add (divided once by `probe_fields`), maxima take the max
+    (None: the step has no probe)."""
+    if a is None:
+        return None
     return {"act_ms": a["act_ms"] + b["act_ms"], "attn_logit_max": jnp.maximum(a["attn_logit_max"],
                                                                                  b["attn_logit_max"])}
 
 
-def combine_groups(probed_G: dict) -> dict:
-    """Probe sums over ZeRO's data groups [G, L] (parallel/zero.py)."""
+def combine_groups(probed_G: dict | None) -> dict | None:
+    """Probe sums over ZeRO's data groups [G, L] (parallel/zero.py; None: the step has no probe)."""
+    if probed_G is None:
+        return None
     return {"act_ms": jnp.sum(probed_G["act_ms"], axis=0), "attn_logit_max": jnp.max(probed_G["attn_logit_max"],
                                                                                       axis=0)}
 
