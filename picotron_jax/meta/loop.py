@@ -135,9 +135,12 @@ def _curves(family: TaskFamily, params: Any, lrs: Any, tasks: dict, steps: int) 
                     spmd_axis_name=family.spmd_axis)(tasks)
 
 
-def pretrain_baseline(setup: MetaSetup, gradient_evals: int) -> Any:
+def pretrain_baseline(setup: MetaSetup, gradient_evals: int,
+                      on_step: Callable[[int, Any], None] | None = None) -> Any:
     """The conventional initialisation: Adam on the pooled support and query data of the training task batches
-    (the mean over the batch's tasks of each task's loss on its support + query data)."""
+    (the mean over the batch's tasks of each task's loss on its support + query data). `on_step(i, params)`,
+    if given, sees the parameters after each gradient evaluation i = 1 .. gradient_evals (before the next
+    step donates them): benchmarks/meta_curves.py evaluates the baseline on the way."""
     m, family = setup.cfg.meta, setup.family
     params = jax.device_put(family.init(), setup.meta_shardings["params"])
     opt = optax.adam(m.outer_lr)
@@ -154,6 +157,8 @@ def pretrain_baseline(setup: MetaSetup, gradient_evals: int) -> Any:
     opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
     for i in range(gradient_evals):  # one step in flight at a time (see run_meta)
         params, opt_state = jax.block_until_ready(step(params, opt_state, setup.tasks(i % m.steps)))
+        if on_step is not None:
+            on_step(i + 1, params)
     return params
 
 
