@@ -139,3 +139,10 @@ def test_the_fields_reach_metrics_jsonl_on_per_layer_steps_only(tmp_path):
     rows = [r for r in rows if r.get("kind", "train") == "train"]
     assert [("layer_act_rms" in r) for r in rows] == [False, True, False, True]
     assert all(len(r["layer_attn_logit_max"]) == cfg.model.num_layers for r in rows if "layer_act_rms" in r)
+
+
+def test_layer_activations_false_turns_off_the_probe_alone():
+    cfg = preset("single", "monitor.layer_every=1", "monitor.layer_activations=false")
+    rules, st = setup(cfg)
+    _, metrics = build_train_step(cfg, rules, st)(init_train_state(cfg, st), synthetic_batch(cfg, 0, rules))
+    assert "layer_grad_norm" in metrics and not any(f in metrics for f in (*FIELDS, "layer_act_step"))
