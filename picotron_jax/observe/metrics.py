@@ -47,9 +47,12 @@ class MetricsWriter:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()  # flushes what a failed write left buffered: may fail on a full disk too
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
 
 class MetricsFile(Callback):

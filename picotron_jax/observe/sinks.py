@@ -47,6 +47,7 @@ class TensorBoardSink(Callback):
 
     def _open(self):
         if self.failed is not None:
+            self._disarm(self.writer)
             raise OSError(self.failed.errno, self.failed.strerror or str(self.failed), str(self.directory))
         if self.writer is None:
             from tensorboardX import SummaryWriter
@@ -94,12 +95,35 @@ class TensorBoardSink(Callback):
 
     def on_run_end(self, trainer, summary):
         if self.writer is not None:
-            self._open().flush()
+            writer = self._open()
+            self._in_loop(writer.flush, writer)
 
     def on_close(self, trainer):
-        if self.writer is not None and self.failed is None:  # a failed writer's close would raise again
-            self.writer.close()
-        self.writer = None
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        if self.failed is None:
+            return self._in_loop(writer.close, writer)
+        self._disarm(writer)
+
+    @staticmethod
+    def _disarm(writer) -> None:
+        """A failed writer's close would raise again, and so would tensorboardX's own close at exit (an atexit
+        callback flushing the full file, a traceback after the run's one line): mark its event writer closed
+        (tensorboardX 2.6 EventFileWriter._closed)."""
+        events = getattr(getattr(writer, "file_writer", None), "event_writer", None)
+        if events is not None and hasattr(events, "_closed"):
+            events._closed = True
+
+    def _in_loop(self, write, writer) -> None:
+        """A write in the loop's own thread (flush, close): a failure is remembered, so nothing writes again,
+        and raised naming this folder, as the writer thread's are."""
+        try:
+            write()
+        except OSError as e:
+            self.failed = e
+            self._disarm(writer)
+            raise OSError(e.errno, e.strerror or str(e), str(self.directory)) from None
 
 
 def check_port_free(port: int, field: str) -> None:
