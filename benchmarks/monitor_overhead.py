@@ -64,14 +64,14 @@ def main(rounds: int, steps: int) -> None:
               f"CPU {statistics.median(cpu[name]):.3f} s/step, median per-round cost "
               f"{100 * statistics.median(cpu_cost):+.1f}% (range {100 * min(cpu_cost):+.1f} .. "
               f"{100 * max(cpu_cost):+.1f})")
-    for name, trainer in trainers.items():
-        flops = step_flops(trainer)
-        print(f"{name}: matmul {flops / 1e9:,.3f} GFLOP per step; host (callbacks) "
+    flops = {name: step_flops(trainer) for name, trainer in trainers.items()}  # each step traced once
+    for name in trainers:
+        print(f"{name}: matmul {flops[name] / 1e9:,.3f} GFLOP per step; host (callbacks) "
               f"{statistics.median(host[name]) * 1e3:.2f} ms per step")
     every = trainers["default"].cfg.monitor.layer_every
-    extra = step_flops(trainers["everything"]) - step_flops(trainers["off"])  # a per-layer step's extra matmuls
-    print(f"default: a per-layer step every {every}: {100 * extra / every / step_flops(trainers['off']):+.3f}% "
-          f"matmul FLOPs amortised; everything: {100 * extra / step_flops(trainers['off']):+.3f}%")
+    extra = flops["everything"] - flops["off"]  # a per-layer step's extra matmuls
+    print(f"default: a per-layer step every {every}: {100 * extra / every / flops['off']:+.3f}% "
+          f"matmul FLOPs amortised; everything: {100 * extra / flops['off']:+.3f}%")
     for trainer in trainers.values():
         trainer.close()
 
