@@ -194,7 +194,7 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     validate_memory(cfg.memory, m.num_layers)
 
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-    validate_pipeline(cfg, sizes["pipe"], sizes)
+    validate_pipeline(cfg, sizes["pipe"])
     cp = sizes["context"]
     if cp > 1:
         chunks = 2 * cp if t.context_zigzag else cp
@@ -366,8 +366,8 @@ def validate_moe(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> None:
           f"schedule); set mesh.pipe=1")
 
 
-def validate_pipeline(cfg: Config, pipe: int, sizes: dict[str, int] | None = None) -> None:
-    """Pipeline checks; `sizes` (the resolved mesh) adds the ones that involve other axes."""
+def validate_pipeline(cfg: Config, pipe: int) -> None:
+    """Pipeline checks (`pipe`: the resolved mesh's pipe size)."""
     pc, m, t = cfg.pipeline, cfg.model, cfg.train
     _need(pc.schedule in PIPELINE_SCHEDULES,
           f"config field 'pipeline.schedule' = {pc.schedule!r}: valid values are {', '.join(PIPELINE_SCHEDULES)}")
@@ -397,12 +397,6 @@ def validate_pipeline(cfg: Config, pipe: int, sizes: dict[str, int] | None = Non
     _need(t.global_batch % pc.microbatches == 0,
           f"config field 'train.global_batch' = {t.global_batch}: must be divisible by pipeline.microbatches = "
           f"{pc.microbatches}")
-    if sizes is None:
-        return
-    _need(sizes["context"] == 1,
-          f"config field 'mesh.context' = {sizes['context']}: pipeline parallelism (mesh.pipe = {pipe}) does not "
-          f"combine with context parallelism yet (missing: ring attention inside the stage program, whose "
-          f"attention is local); use mesh.context=1")
 
 
 def validate_debug(cfg: Config) -> None:

@@ -4,7 +4,7 @@ step's own forward pass on every `monitor.layer_every`-th step.
 
 They equal a by-hand computation (full score matrices, explicit causal mask) on one device, and the same
 numbers come out of every layout: data / ZeRO-3 with gradient accumulation, tensor, context (zigzag
-columns), the pipeline schedules (with tensor), MoE with expert parallelism. A NaN injected into one
+columns), the pipeline schedules (with tensor, with context), MoE with expert parallelism. A NaN injected into one
 layer's output through the fault injector shows in that layer's RMS and not in the layers before it."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_the_probe_equals_a_by_hand_computation_of_every_layer(single):
     ("zero3-dp8", ("train.grad_accum=2",)),
     ("tp2-dp4", ()),
     ("cp4-dp2", ()),  # zigzag columns: causality from the positions
-    ("pp2-dp2-tp2", ()),
+    ("pp2-cp2-dp2", ("mesh.data=1", "mesh.tensor=2")),  # stages x zigzag columns x heads
 ])
 def test_every_layout_gives_the_single_device_statistics(single, name, overrides):
     out = probe_step(name, *overrides)[0]
@@ -105,7 +105,7 @@ def test_every_layout_gives_the_single_device_statistics(single, name, overrides
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pp4-1f1b", "pp2-interleaved", "pp2-afab"])
+@pytest.mark.parametrize("name", ["pp4-1f1b", "pp2-interleaved", "pp2-afab", "pp2-dp2-tp2"])
 def test_every_pipeline_schedule_gives_the_single_device_statistics(single, name):
     out = probe_step(name)[0]
     for field in FIELDS:

@@ -1,6 +1,6 @@
 """The pipeline runs the model's own pieces, so the plain step's features compose with it: remat
 policies (whole-model and per-layer segments), precision policies (bf16, fp16 with loss scaling and
-overflow skipping, per-module overrides). Each against the single-device run of the same tiny model
+overflow skipping, per-module overrides), replicated KV heads, context parallelism. Each against the single-device run of the same tiny model
 (2 layers, width 32, seq 16; pipe = 2, one layer per stage, 2 microbatches)."""
 
 from __future__ import annotations
@@ -60,6 +60,24 @@ def test_pipeline_with_kv_heads_replicated_over_tensor_matches_single_device():
     loss, grads = grads_of("mesh.pipe=2", "mesh.tensor=4", "mesh.data=1", "mesh.num_devices=8",
                            "pipeline.microbatches=2", "pipeline.schedule=1f1b")
     ref_loss, ref_grads = single_device()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("schedule, extra", [
+    ("1f1b", ()),
+    pytest.param("afab", ("train.context_zigzag=false",), marks=pytest.mark.slow),  # the contiguous layout
+    pytest.param("interleaved", ("pipeline.virtual_stages=2", "model.num_layers=4", "mesh.data=1", "mesh.tensor=2",
+                                 "model.num_kv_heads=1"), marks=pytest.mark.slow),
+])
+def test_pipeline_with_context_parallel_matches_single_device(schedule, extra):
+    """pipe 2 x context 2 x data 2: each stage's attention takes every context rank's keys and values
+    (all-gathered over `context`, parallel/context.py gathered_kv_attention), the rotary positions and the
+    causal mask follow the run's column layout (zigzag by default). The slow cases: the contiguous layout
+    under AFAB, and interleaved chunks with tensor 2 and one KV head replicated over it."""
+    loss, grads = grads_of("mesh.pipe=2", "mesh.context=2", "mesh.data=2", "mesh.num_devices=8",
+                           "pipeline.microbatches=2", f"pipeline.schedule={schedule}", *extra)
+    ref_loss, ref_grads = single_device(*(o for o in extra if o.startswith("model.")))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert_grads_close(grads, ref_grads)
 

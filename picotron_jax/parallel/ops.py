@@ -17,7 +17,7 @@ import jax
 
 from picotron_jax.models import moe as moe_math
 from picotron_jax.models.attention import causal_attention, causal_logit_max
-from picotron_jax.parallel.context import context_attention
+from picotron_jax.parallel.context import CONTEXT, context_attention, gathered_kv_attention
 from picotron_jax.parallel.expert import (
     capacity_local,
     dropless_local,
@@ -81,10 +81,13 @@ class StageOps:
     """ParallelOps inside the pipeline's shard_map, which is manual over every mesh axis.
 
     `kv_replicated`: the KV heads do not divide by `tensor` (e.g. 2 KV heads on tensor = 4), so every rank
-    holds all G of them next to its H/tp query heads, as the plain path's rules replicate them."""
+    holds all G of them next to its H/tp query heads, as the plain path's rules replicate them.
+    `positions_n`: with context > 1, the positions of this rank's n = T/context columns of the sequence (in
+    the layout of `MeshRules.sequence_order`); attention then gathers K/V over `context`
+    (parallel/context.py `gathered_kv_attention`, which says why not the ring)."""
 
-    def __init__(self, kv_replicated: bool = False):
-        self.kv_replicated = kv_replicated
+    def __init__(self, kv_replicated: bool = False, positions_n: jax.Array | None = None):
+        self.kv_replicated, self.positions_n = kv_replicated, positions_n
 
     def constrain(self, x, axes):
         return x
@@ -93,15 +96,24 @@ class StageOps:
         return local_vocab_embed(table_vD, tokens_bT)
 
     def attention(self, q_bTHK, k_bTGK, v_bTGK):
-        """This rank's query heads, whole sequence. With replicated KV heads, each local query head h takes
-        its own KV head (global h // R): the gather's transpose sums the KV gradients over `tensor`."""
+        """This rank's query heads over its whole sequence, or over its columns of it with every rank's keys.
+        With replicated KV heads, each local query head h takes its own KV head (global h // R): the gather's
+        transpose sums the KV gradients over `tensor`."""
         k_bTGK, v_bTGK = self._own_kv_heads(q_bTHK, k_bTGK, v_bTGK)
+        if self.positions_n is not None:
+            return gathered_kv_attention(q_bTHK, k_bTGK, v_bTGK, self.positions_n)
         return causal_attention(q_bTHK, k_bTGK, v_bTGK)
 
     def attention_logit_max(self, q_bTHK, k_bTGK, positions_T):
-        """Over this rank's heads, then the max over `tensor` (the other axes: the pipeline's reduction)."""
+        """Over this rank's heads, then the max over `tensor` (the other axes: the pipeline's reduction). With
+        context parallelism, `positions_T` are this rank's columns' positions, and its queries meet every rank's
+        keys (gathered over `context`: the probe's steps only)."""
         k_bTGK, _ = self._own_kv_heads(q_bTHK, k_bTGK, k_bTGK)
-        return jax.lax.pmax(causal_logit_max(q_bTHK, k_bTGK, positions_T), _TENSOR)
+        positions_S = None
+        if self.positions_n is not None:
+            k_bTGK = jax.lax.all_gather(k_bTGK, CONTEXT, axis=1, tiled=True)
+            positions_S = jax.lax.all_gather(positions_T, CONTEXT, tiled=True)
+        return jax.lax.pmax(causal_logit_max(q_bTHK, k_bTGK, positions_T, positions_S), _TENSOR)
 
     def _own_kv_heads(self, q_bTHK, k_bTGK, v_bTGK):
         """With replicated KV heads: the KV head of each local query head (else k, v unchanged)."""

@@ -28,6 +28,8 @@ Tensor, data and expert axes: the shard_map is manual over all of them, so the m
 projections and in the vocabulary-parallel embedding and loss). Parameters enter replicated
 over `data` (ZeRO-3 parameters are gathered once at entry) and are cast to vary over the batch
 axes so that their gradients stay per-device sums until one psum at the end of the step.
+Context: each rank holds T/context columns of every microbatch in the run's layout (zigzag or
+contiguous, laid out here) and its attention gathers K/V over `context` (`StageOps`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_
 
 (PIPE,) = LOGICAL_RULES["layers"]
 (TENSOR,) = LOGICAL_RULES["heads"]
+(CONTEXT,) = LOGICAL_RULES["seq"]
 # every axis a microbatch's rows or columns are split over: activations and gradient sums vary over them
 TOKEN_AXES = tuple(dict.fromkeys(LOGICAL_RULES["batch"] + LOGICAL_RULES["seq"]))
 F32 = jnp.float32
@@ -116,14 +119,21 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
     tok_spec = rules.activation_spec(("batch", "seq"))
     micro_specs = {k: P(None, *tok_spec) for k in ("inputs", "targets", "mask")}
     tables = {k: np.asarray(t) for k, t in sched.tables.items()}
-    ops = StageOps(kv_replicated=mc.num_kv_heads % mesh.shape[TENSOR] != 0)
+    kv_replicated = mc.num_kv_heads % mesh.shape[TENSOR] != 0
+    context_split = mesh.shape[CONTEXT] > 1
 
     def local(params, micro, seed, flags, probe_on):
         r = jax.lax.axis_index(PIPE)
         params = jax.tree.map(lambda x: _vary(x, act_axes), params)
         params = {**params, "layers": {k: a[:, 0] for k, a in params["layers"].items()}}  # [v, Lc, ...]
-        b, T = micro["inputs"].shape[1:]
-        cos_TK, sin_TK = rotary_tables(jnp.arange(T), mc.resolved_head_dim, mc.rope_theta)
+        b, n = micro["inputs"].shape[1:]  # n = T / context columns, in the sequence layout
+        positions_n = None  # this rank's columns' positions: arange(n) unless context-parallel
+        if context_split:
+            order_T = jnp.asarray(rules.sequence_order(n * mesh.shape[CONTEXT]), jnp.int32)
+            positions_n = jax.lax.dynamic_slice_in_dim(order_T, jax.lax.axis_index(CONTEXT) * n, n)
+        cos_TK, sin_TK = rotary_tables(jnp.arange(n) if positions_n is None else positions_n,
+                                       mc.resolved_head_dim, mc.rope_theta)
+        ops = StageOps(kv_replicated, positions_n)
 
         tap = None if layer_tap_of is None else layer_tap_of(flags)
 
@@ -148,8 +158,8 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
             return nll + z_coef * z, (nll, z)
 
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, llama.head_param(mc), act_axes,
-                    _vary(jnp.zeros((b, T, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
-                    _vary(seed.astype(F32), act_axes), probe_on)
+                    _vary(jnp.zeros((b, n, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
+                    _vary(seed.astype(F32), act_axes), probe_on, positions_n)
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
@@ -178,8 +188,13 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
 
     def loss_and_grads(params, micro, seed=None, fault_flags=None, probe_on=None):
         """-> (nll sum, z sum, gradient sums, probe sums: {act_ms, attn_logit_max} f32[L] or None without
-        `probe_on`; act_ms summed over the microbatches)."""
+        `probe_on`; act_ms summed over the microbatches). The microbatches come in the natural column order
+        and are laid out here for context parallelism (as train/step.py's `to_sequence_layout`)."""
         layers = {k: a.reshape(v, p, Lc, *a.shape[1:]) for k, a in params["layers"].items()}
+        if context_split:
+            order_T = rules.sequence_order(micro["inputs"].shape[-1])
+            micro = {k: jax.lax.with_sharding_constraint(jnp.take(x, order_T, axis=-1), rules.named(micro_specs[k]))
+                     for k, x in micro.items()}
         seed = jnp.ones((), F32) if seed is None else jnp.asarray(seed, F32)
         flags = jnp.zeros((2,), jnp.int32) if fault_flags is None else fault_flags
         if forward_only:
@@ -213,6 +228,7 @@ class _Stage:
     z_coef: float
     seed: jax.Array  # the backward's starting gradient (1, or the fp16 loss scale / tokens)
     probe_on: jax.Array | None = None  # the monitor's layer probe (models/llama.py LayerProbe); None: off
+    positions_n: jax.Array | None = None  # this rank's columns' positions under context parallelism, else None
 
     def ends(self, params: dict) -> dict:
         """The last stage's parameters: final norm and the head's (the embedding table when tied)."""
@@ -287,7 +303,7 @@ def _run_schedule(st: _Stage, params: dict):
         if st.probe_on is None:
             y = st.stage_forward(chunk, x, stage)
         else:  # the forward records the probe; B's recompute of the stage does not
-            y, probed = st.stage_forward(chunk, x, stage, llama.LayerProbe(st.probe_on))
+            y, probed = st.stage_forward(chunk, x, stage, llama.LayerProbe(st.probe_on, st.positions_n))
             k, old = row["f_chunk"], c["probe"]
             c = {**c, "probe": {"act_ms": old["act_ms"].at[k].add(probed["act_ms"]),
                                 "attn_logit_max": old["attn_logit_max"].at[k].max(probed["attn_logit_max"])}}
