@@ -273,6 +273,9 @@ class LayerProbe:
 
 
 PROBE_FIELDS = ("act_ms", "attn_logit_max")
+# how each field combines over microbatches, data groups and token ranks: mean squares add (the reader
+# divides by the number of parts, train/monitor_stats.probe_fields), maxima take the max
+PROBE_COMBINE = {"act_ms": "sum", "attn_logit_max": "max"}
 PROBE_INDEX = "_probe_layer"  # the layer's index within the stack run, scanned with the params under a probe
 
 

@@ -169,8 +169,9 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         grads = {k: jax.lax.psum(g, act_axes) for k, g in grads.items()}  # embedding / head: first / last rank
         if probed is not None:  # summed over microbatches, averaged over the token ranks (equal rows each)
             ranks = int(np.prod([mesh.shape[a] for a in batch_axes]))
-            probed = {"act_ms": jax.lax.psum(probed["act_ms"], batch_axes)[:, None] / ranks,
-                      "attn_logit_max": jax.lax.pmax(probed["attn_logit_max"], batch_axes)[:, None]}
+            over = {"sum": jax.lax.psum, "max": jax.lax.pmax}
+            probed = {k: over[rule](probed[k], batch_axes)[:, None] for k, rule in llama.PROBE_COMBINE.items()}
+            probed["act_ms"] = probed["act_ms"] / ranks
         return nll, z, {**grads, "layers": layer_grads}, probed
 
     probe_specs = {k: P(None, PIPE) for k in llama.PROBE_FIELDS}  # [v, p, Lc], like the layer gradients
@@ -305,8 +306,8 @@ def _run_schedule(st: _Stage, params: dict):
         else:  # the forward records the probe; B's recompute of the stage does not
             y, probed = st.stage_forward(chunk, x, stage, llama.LayerProbe(st.probe_on, st.positions_n))
             k, old = row["f_chunk"], c["probe"]
-            c = {**c, "probe": {"act_ms": old["act_ms"].at[k].add(probed["act_ms"]),
-                                "attn_logit_max": old["attn_logit_max"].at[k].max(probed["attn_logit_max"])}}
+            at = {"sum": lambda a, x: a.at[k].add(x), "max": lambda a, x: a.at[k].max(x)}
+            c = {**c, "probe": {n: at[rule](old[n], probed[n]) for n, rule in llama.PROBE_COMBINE.items()}}
 
         def loss(c, y):  # last stage: loss, and its gradient for this microbatch's B
             head_fn = lambda ends, y: st.head_loss(ends, y, i)  # noqa: E731

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from picotron_jax.models.llama import PROBE_COMBINE
+
 
 def modules(params: dict) -> list[str]:
     """The top-level parameter groups other than `layers` (embed, final_norm, lm_head, moe), sorted."""
@@ -81,16 +83,16 @@ def combine_probes(a: dict | None, b: dict | None) -> dict | None:
     (None: the step has no probe)."""
     if a is None:
         return None
-    return {"act_ms": a["act_ms"] + b["act_ms"], "attn_logit_max": jnp.maximum(a["attn_logit_max"],
-                                                                                 b["attn_logit_max"])}
+    pair = {"sum": jnp.add, "max": jnp.maximum}
+    return {k: pair[rule](a[k], b[k]) for k, rule in PROBE_COMBINE.items()}
 
 
 def combine_groups(probed_G: dict | None) -> dict | None:
     """Probe sums over ZeRO's data groups [G, L] (parallel/zero.py; None: the step has no probe)."""
     if probed_G is None:
         return None
-    return {"act_ms": jnp.sum(probed_G["act_ms"], axis=0), "attn_logit_max": jnp.max(probed_G["attn_logit_max"],
-                                                                                      axis=0)}
+    over = {"sum": jnp.sum, "max": jnp.max}
+    return {k: over[rule](probed_G[k], axis=0) for k, rule in PROBE_COMBINE.items()}
 
 
 def probe_fields(probed: dict, count: int, on: jax.Array) -> dict[str, jax.Array]:
