@@ -99,6 +99,35 @@ def test_disk_cache_stays_in_its_limit_and_a_restart_reuses_it(store_path, tmp_p
     assert again.cache.stats["l2_hits"] > 0 and again.cache.stats["fetches"] < first
 
 
+def test_a_shard_still_being_written_is_not_evicted_by_another_thread(store_path, tmp_path, monkeypatch):
+    """Two fetch threads admit at once into a one-shard disk cache: thread A has reserved shard 0 and is writing
+    its file when thread B admits shard 1. B must not evict 0 (its unlink would run before A's file appears,
+    leaving a file on disk that the limit does not count: seen as 9,166 bytes in an 8,192-byte cache)."""
+    import threading
+
+    cache = dataset(store_path, tmp_path, disk_shards=1).cache
+    cache.step = 0
+    cache._uses[0].append(5)  # shard 0 is needed later than shard 1: Belady would evict it for 1
+    cache._uses[1].append(1)
+    writing, release = threading.Event(), threading.Event()
+    real_write = Path.write_bytes
+
+    def slow_write(path, data):
+        if path.name.startswith(".000000-"):  # shard 0's temporary file: hold A inside its write
+            writing.set()
+            release.wait(10)
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", slow_write)
+    a = threading.Thread(target=cache._admit, args=(0, cache.store.fetch(0)))
+    a.start()
+    assert writing.wait(10)
+    cache._admit(1, cache.store.fetch(1))  # B, while A writes
+    release.set()
+    a.join()
+    assert l2_bytes(cache.dir) <= NB and l2_bytes(cache.dir) == cache.disk_used
+
+
 def test_corrupt_cached_shard_is_refetched_never_used(store_path, tmp_path):
     ds = dataset(store_path, tmp_path, disk_shards=40)
     want = ds.batch_rows(0, 4, slice(None))

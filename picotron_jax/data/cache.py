@@ -67,6 +67,7 @@ class ShardCache:
         self._keep: dict[int, int] = {}  # staged shard -> last step of the window that reads it
         self._inflight: dict[int, cf.Future] = {}
         self._l2: dict[int, int] = {}  # shard -> bytes on disk
+        self._writing: set[int] = set()  # admitted shards whose file is still being written (never evicted)
         if self.dir is not None:
             for f in self.dir.glob("*.bin"):
                 i = int(f.stem.split("-")[0])
@@ -247,7 +248,10 @@ class ShardCache:
             mine = self.next_use(i)
             victims = []
             used = sum(self._l2.values())
-            resident = sorted(self._l2, key=lambda s: (self.next_use(s), s), reverse=True)
+            # a shard still being written by another thread cannot be evicted: its file would appear after the
+            # unlink, on disk but uncounted
+            resident = sorted((s for s in self._l2 if s not in self._writing), key=lambda s: (self.next_use(s), s),
+                              reverse=True)
             for s in resident:
                 if used + need <= self.disk_bytes:
                     break
@@ -262,6 +266,7 @@ class ShardCache:
                 del self._l2[s]
                 self.stats["evictions"] += 1
             self._l2[i] = need  # reserved before the write, so concurrent admissions respect the limit
+            self._writing.add(i)
         path = self.dir / self._l2_name(i)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
@@ -271,8 +276,11 @@ class ShardCache:
             tmp.unlink(missing_ok=True)
             with self._lock:
                 self._l2.pop(i, None)
+                self._writing.discard(i)
             raise UserError(f"data.cache_dir: cannot write {path} ({exc.strerror}); free space or set "
                             f"data.cache_dir to a writable folder") from None
+        with self._lock:
+            self._writing.discard(i)
 
     # ------------------------------------------------------------------------------ report
 
