@@ -17,7 +17,7 @@ from test_layouts import assert_grads_close, reference
 from picotron_jax.cli import main
 from picotron_jax.config_checks import validate
 from picotron_jax.errors import UserError
-from picotron_jax.parallel.pipeline_schedule import build_schedule, render
+from picotron_jax.parallel.pipeline_schedule import build_schedule, idle_share, render
 from picotron_jax.train.state import init_params
 from picotron_jax.train.step import build_grad_fn, build_train_step
 
@@ -66,6 +66,35 @@ def test_interleaving_shrinks_the_bubble_and_1f1b_bounds_memory_by_p():
     assert one.max_in_flight() == [4, 3, 2, 1]  # p - rank, independent of m
     assert afab.max_in_flight() == [16] * 4
     assert one.act_slots == 4 and afab.act_slots == 16
+
+
+def test_time_weighted_idle_share_by_hand_and_dataflow_equals_the_analytic_bubble():
+    """p = 2, m = 2, 1F1B, B = 3F. Slots (r0 | r1): F0 | . ; F1 | F0 ; . | B0 ; B0 | F1 ; . | B1 ; B1 | .
+    Lockstep slot lengths 1 1 3 3 3 3 = 14, busy 2 x (2 + 6) = 16: idle 1 - 16/28 = 3/7. Dataflow: r0's last
+    B ends at 12 (F0 F1 | wait B0 of r1 at 5 | B0 5-8 | wait B1 of r1 at 9 | B1 9-12): 1 - 16/24 = 1/3."""
+    share = idle_share(build_schedule("1f1b", 2, 2), 1.0, 3.0)
+    assert share["lockstep"] == pytest.approx(3 / 7) and share["dataflow"] == pytest.approx(1 / 3)
+    for kind, p, m, v in GRID:
+        s = build_schedule(kind, p, m, v)
+        for ratio in (1.0, 2.0, 3.0):
+            got = idle_share(s, 1.0, ratio)
+            if kind != "interleaved":  # the papers' bubble (p-1)/(m+p-1) holds for any B/F ratio
+                assert got["dataflow"] == pytest.approx(s.analytic_bubble_fraction())
+            assert got["lockstep"] >= got["dataflow"] - 1e-12
+        assert idle_share(s, 1.0, 1.0)["lockstep"] == pytest.approx(s.bubble_fraction())  # unit costs: counted
+    # the lockstep executor: 1F1B's mixed F/B slots last a B on every rank; AFAB's phases do not mix
+    afab, one = (idle_share(build_schedule(k, 4, 16), 1.0, 3.0)["lockstep"] for k in ("afab", "1f1b"))
+    assert afab == pytest.approx(3 / 19) and one == pytest.approx(0.396, abs=1e-3)
+
+
+def test_the_train_banner_prints_the_counted_and_the_time_weighted_bubbles():
+    from picotron_jax.observe.console import banner
+    from picotron_jax.run import build_run
+
+    run = build_run(preset("pp4-1f1b", "pipeline.microbatches=16", "train.global_batch=32"), data=False)
+    (line,) = [x for x in banner(run, 1e9, "test") if x.startswith("pipeline 1f1b")]
+    share = idle_share(build_schedule("1f1b", 4, 16), 1.0, 3.0)
+    assert "bubble 0.158 counted" in line and f"{share['lockstep']:.3f} lockstep / 0.158 dataflow" in line
 
 
 def test_render_shows_every_rank_and_the_bubble():

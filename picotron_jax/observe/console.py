@@ -38,7 +38,8 @@ def banner(run, peak: float, peak_source: str) -> list[str]:
         lines.append(
             f"pipeline {pr['schedule']}: {pr['pipe']} ranks x {pr['virtual_stages']} chunk(s), "
             f"{pr['microbatches']} microbatches, {pr['slots']} slots | bubble {pr['bubble_counted']:.3f} "
-            f"counted, {pr['bubble_analytic']:.3f} analytic | at most {pr['max_in_flight']} microbatch(-chunk)s "
+            f"counted, {pr['bubble_analytic']:.3f} analytic, time-weighted (B = 3F) {pr['idle_lockstep']:.3f} "
+            f"lockstep / {pr['idle_dataflow']:.3f} dataflow | at most {pr['max_in_flight']} microbatch(-chunk)s "
             f"in flight per rank"
         )
     return lines

@@ -22,6 +22,13 @@ the input-gradient of stage s+1 from an earlier slot (the last stage: its own F)
 Bubble: one time unit per F or B (the analytic model of the papers); the bubble fraction is the
 idle share of all ranks' slots. The analytic values are (p-1)/(m+p-1) for AFAB and 1F1B and
 (p-1)/(v·m+p-1) for interleaved.
+
+Time-weighted idle share (`idle_share`): a B costs more than an F (2x for the backward alone; this
+executor's B also re-runs the stage forward, so 3x), and the SPMD executor runs its slots in lockstep
+(every slot ends in ring transfers all ranks join), so a slot lasts as long as its slowest rank's work.
+`lockstep` is the idle share of that executor; `dataflow` that of the same programs on ranks that start
+each op as soon as its input has arrived (the papers' model: it equals the analytic bubble for AFAB and
+1F1B whatever the B/F ratio). Transfers cost nothing in both.
 """
 
 from __future__ import annotations
@@ -84,6 +91,48 @@ class Schedule:
                 live -= self.backward[t][r] is not None
             peaks.append(peak)
         return peaks
+
+
+def idle_share(s: Schedule, cost_f: float = 1.0, cost_b: float = 3.0) -> dict[str, float]:
+    """Time-weighted idle share of all ranks' time, with one F costing `cost_f` and one B `cost_b`:
+    {"lockstep": this executor (a slot lasts its slowest rank's F + B), "dataflow": each op as soon as its
+    input is there, in the same per-rank order}."""
+    def cost(t: int, r: int) -> float:
+        return cost_f * (s.forward[t][r] is not None) + cost_b * (s.backward[t][r] is not None)
+
+    busy = sum(cost(t, r) for t in range(s.num_slots) for r in range(s.p))
+    lockstep = sum(max(cost(t, r) for r in range(s.p)) for t in range(s.num_slots))
+    return {"lockstep": 1 - busy / (s.p * lockstep), "dataflow": 1 - busy / (s.p * _dataflow_makespan(s, cost_f, cost_b))}
+
+
+def _dataflow_makespan(s: Schedule, cost_f: float, cost_b: float) -> float:
+    """End of the last op when every rank runs its program (in the table's order) without slots."""
+    p, n = s.p, s.num_stages
+    order = [[] for _ in range(p)]  # per rank: (op, stage, microbatch) in the order of the table
+    for t in range(s.num_slots):
+        for r in range(p):
+            for op, w in (("F", s.forward[t][r]), ("B", s.backward[t][r])):
+                if w is not None:
+                    order[r].append((op, s.stage(r, w[0]), w[1]))
+    end: dict[tuple[str, int, int], float] = {}
+    free, pc = [0.0] * p, [0] * p
+    while any(pc[r] < len(order[r]) for r in range(p)):
+        progressed = False
+        for r in range(p):
+            while pc[r] < len(order[r]):
+                op, st, i = order[r][pc[r]]
+                needs = [("F", st - 1, i)] if op == "F" and st > 0 else []
+                if op == "B":
+                    needs = [("F", st, i)] + ([("B", st + 1, i)] if st < n - 1 else [])
+                if any(k not in end for k in needs):
+                    break
+                start = max([free[r]] + [end[k] for k in needs])
+                free[r] = end[(op, st, i)] = start + (cost_f if op == "F" else cost_b)
+                pc[r] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {s.kind} p={p} m={s.m} v={s.v}: the programs wait on each other")
+    return max(free)
 
 
 def work_orders(kind: str, p: int, m: int, v: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -284,4 +333,5 @@ def schedule_report(s: Schedule) -> dict:
         "schedule": s.kind, "pipe": s.p, "microbatches": s.m, "virtual_stages": s.v, "slots": s.num_slots,
         "bubble_counted": s.bubble_fraction(), "bubble_analytic": s.analytic_bubble_fraction(),
         "max_in_flight": max(s.max_in_flight()),
+        **{f"idle_{k}": v for k, v in idle_share(s).items()},  # time-weighted, B = 3F (this executor)
     }
