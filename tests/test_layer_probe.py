@@ -77,6 +77,13 @@ def test_the_blocked_logit_max_equals_the_whole_score_matrix_in_any_column_order
         assert np.isclose(float(got), expected, rtol=1e-5), (block, float(got), expected)
     assert float(causal_logit_max(jnp.asarray(q), jnp.asarray(k))) == pytest.approx(
         scores[..., np.tril(np.ones((16, 16), bool))].max(), rel=1e-5)  # default: the natural order
+    # inside a shard_map (the pipeline's stages; long sequences visit their keys in blocks): the loop's
+    # running max is typed like the scores, varying over the mesh axes
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    blocked = jax.shard_map(lambda q, k: jax.lax.pmax(causal_logit_max(q, k, key_block=4), "data"), mesh=mesh,
+                            in_specs=(jax.P("data"), jax.P("data")), out_specs=jax.P())
+    assert float(blocked(jnp.asarray(q), jnp.asarray(k))) == pytest.approx(
+        scores[..., np.tril(np.ones((16, 16), bool))].max(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,6 @@ def causal_logit_max(q_BTHK: jax.Array, k_BSGK: jax.Array, positions_T: jax.Arra
         s_BGRTN = jnp.einsum("btgrk,bngk->bgrtn", q_BTGRK, k_BNGK, preferred_element_type=jnp.float32) * K**-0.5
         return jnp.max(jnp.where(pos_T[:, None] >= pos_N[None, :], s_BGRTN, -jnp.inf))
 
-    if S == block:
-        return block_max(0)
-    return jax.lax.fori_loop(0, S // block, lambda j, m: jnp.maximum(m, block_max(j)),
-                             jnp.asarray(-jnp.inf, jnp.float32))
+    # the first block starts the loop: its max is typed like the scores (inside shard_map: varying over the
+    # axes q and k vary over), which a constant -inf start is not
+    return jax.lax.fori_loop(1, S // block, lambda j, m: jnp.maximum(m, block_max(j)), block_max(0))
