@@ -270,11 +270,12 @@ def ring_attention_work(rules: MeshRules, q_BTHK, k_BTGK, v_BTGK, zigzag: bool =
 
 
 def gathered_kv_attention(q_bnHK: jax.Array, k_bnGK: jax.Array, v_bnGK: jax.Array,
-                          positions_n: jax.Array) -> jax.Array:
+                          positions_n: jax.Array, positions_T: jax.Array) -> jax.Array:
     """Causal attention of this context rank's queries [b, n, H', K] over the keys and values of every rank,
     all-gathered over `context` ("all-gather" context parallelism, as Llama 3 trains long context: Dubey et
     al. 2024, section 3.3.2), from inside a `shard_map` already manual over `context`. Causality comes from
-    the columns' positions (`positions_n`: this rank's, in the run's layout), so both layouts work; the
+    the columns' positions (`positions_n`: this rank's, `positions_T`: all ranks' in rank order, i.e. the run's
+    layout `MeshRules.sequence_order`), so both layouts work; the
     gather's transpose reduce-scatters dK and dV. Memory: the sequence's K/V [b, T, G', K] and n x T scores.
 
     The pipeline's stage program uses it (parallel/ops.py StageOps): its F and B run under a `lax.cond`
@@ -282,6 +283,5 @@ def gathered_kv_attention(q_bnHK: jax.Array, k_bnGK: jax.Array, v_bnGK: jax.Arra
     device of the program, so a ring inside the cond hangs or pairs up transfers of different slots;
     all-gather and reduce-scatter wait only for their group."""
     k_bTGK, v_bTGK = (jax.lax.all_gather(t, CONTEXT, axis=1, tiled=True) for t in (k_bnGK, v_bnGK))
-    positions_T = jax.lax.all_gather(positions_n, CONTEXT, tiled=True)
     mask_nT = positions_n[:, None] >= positions_T[None, :]
     return jax.nn.dot_product_attention(q_bnHK, k_bTGK, v_bTGK, mask=mask_nT[None, None])

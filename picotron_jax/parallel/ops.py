@@ -82,12 +82,13 @@ class StageOps:
 
     `kv_replicated`: the KV heads do not divide by `tensor` (e.g. 2 KV heads on tensor = 4), so every rank
     holds all G of them next to its H/tp query heads, as the plain path's rules replicate them.
-    `positions_n`: with context > 1, the positions of this rank's n = T/context columns of the sequence (in
-    the layout of `MeshRules.sequence_order`); attention then gathers K/V over `context`
+    `positions_n`, `positions_T`: with context > 1, the positions of this rank's n = T/context columns of the
+    sequence and of all T (the layout `MeshRules.sequence_order`); attention then gathers K/V over `context`
     (parallel/context.py `gathered_kv_attention`, which says why not the ring)."""
 
-    def __init__(self, kv_replicated: bool = False, positions_n: jax.Array | None = None):
-        self.kv_replicated, self.positions_n = kv_replicated, positions_n
+    def __init__(self, kv_replicated: bool = False, positions_n: jax.Array | None = None,
+                 positions_T: jax.Array | None = None):
+        self.kv_replicated, self.positions_n, self.positions_T = kv_replicated, positions_n, positions_T
 
     def constrain(self, x, axes):
         return x
@@ -101,7 +102,7 @@ class StageOps:
         transpose sums the KV gradients over `tensor`."""
         k_bTGK, v_bTGK = self._own_kv_heads(q_bTHK, k_bTGK, v_bTGK)
         if self.positions_n is not None:
-            return gathered_kv_attention(q_bTHK, k_bTGK, v_bTGK, self.positions_n)
+            return gathered_kv_attention(q_bTHK, k_bTGK, v_bTGK, self.positions_n, self.positions_T)
         return causal_attention(q_bTHK, k_bTGK, v_bTGK)
 
     def attention_logit_max(self, q_bTHK, k_bTGK, positions_T):
@@ -109,11 +110,9 @@ class StageOps:
         context parallelism, `positions_T` are this rank's columns' positions, and its queries meet every rank's
         keys (gathered over `context`: the probe's steps only)."""
         k_bTGK, _ = self._own_kv_heads(q_bTHK, k_bTGK, k_bTGK)
-        positions_S = None
         if self.positions_n is not None:
             k_bTGK = jax.lax.all_gather(k_bTGK, CONTEXT, axis=1, tiled=True)
-            positions_S = jax.lax.all_gather(positions_T, CONTEXT, tiled=True)
-        return jax.lax.pmax(causal_logit_max(q_bTHK, k_bTGK, positions_T, positions_S), _TENSOR)
+        return jax.lax.pmax(causal_logit_max(q_bTHK, k_bTGK, positions_T, self.positions_T), _TENSOR)
 
     def _own_kv_heads(self, q_bTHK, k_bTGK, v_bTGK):
         """With replicated KV heads: the KV head of each local query head (else k, v unchanged)."""

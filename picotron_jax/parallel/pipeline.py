@@ -127,13 +127,13 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         params = jax.tree.map(lambda x: _vary(x, act_axes), params)
         params = {**params, "layers": {k: a[:, 0] for k, a in params["layers"].items()}}  # [v, Lc, ...]
         b, n = micro["inputs"].shape[1:]  # n = T / context columns, in the sequence layout
-        positions_n = None  # this rank's columns' positions: arange(n) unless context-parallel
+        positions_n = order_T = None  # this rank's columns' positions, all columns': arange unless context-parallel
         if context_split:
             order_T = jnp.asarray(rules.sequence_order(n * mesh.shape[CONTEXT]), jnp.int32)
             positions_n = jax.lax.dynamic_slice_in_dim(order_T, jax.lax.axis_index(CONTEXT) * n, n)
         cos_TK, sin_TK = rotary_tables(jnp.arange(n) if positions_n is None else positions_n,
                                        mc.resolved_head_dim, mc.rope_theta)
-        ops = StageOps(kv_replicated, positions_n)
+        ops = StageOps(kv_replicated, positions_n, order_T)
 
         tap = None if layer_tap_of is None else layer_tap_of(flags)
 

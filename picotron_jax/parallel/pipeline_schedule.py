@@ -102,7 +102,8 @@ def idle_share(s: Schedule, cost_f: float = 1.0, cost_b: float = 3.0) -> dict[st
 
     busy = sum(cost(t, r) for t in range(s.num_slots) for r in range(s.p))
     lockstep = sum(max(cost(t, r) for r in range(s.p)) for t in range(s.num_slots))
-    return {"lockstep": 1 - busy / (s.p * lockstep), "dataflow": 1 - busy / (s.p * _dataflow_makespan(s, cost_f, cost_b))}
+    dataflow = _dataflow_makespan(s, cost_f, cost_b)
+    return {"lockstep": 1 - busy / (s.p * lockstep), "dataflow": 1 - busy / (s.p * dataflow)}
 
 
 def _dataflow_makespan(s: Schedule, cost_f: float, cost_b: float) -> float:
