@@ -22,18 +22,12 @@ from picotron_jax.config import (
     Config,
     DistributedConfig,
     MemoryConfig,
-    ModelConfig,
-    MoEConfig,
     PrecisionConfig,
     resolve_mesh_shape,
 )
-from picotron_jax.errors import UserError
+from picotron_jax.config_checks_moe import validate_moe
+from picotron_jax.errors import UserError, need as _need
 from picotron_jax.units import parse_bytes
-
-
-def _need(cond: bool, message: str) -> None:
-    if not cond:
-        raise UserError(message)
 
 
 def validate_distributed(d: DistributedConfig) -> None:
@@ -325,47 +319,6 @@ def validate_faults(cfg: Config, sizes: dict[str, int]) -> None:
           f"are zeroed after the step before it), in a model with MoE layers (moe.num_experts > 0)")
 
 
-def validate_moe(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> None:
-    """MoE fields, checked against the model and the resolved mesh sizes."""
-    _need(e.num_experts >= 0, f"config field 'moe.num_experts' = {e.num_experts}: must be >= 0 (0 = dense model)")
-    if not e.enabled:
-        return
-    E, ep, tp = e.num_experts, sizes["expert"], sizes["tensor"]
-    _need(1 <= e.top_k <= E,
-          f"config field 'moe.top_k' = {e.top_k}: must be between 1 and moe.num_experts = {E}")
-    _need(E % ep == 0,
-          f"config field 'moe.num_experts' = {E}: must be divisible by mesh.expert = {ep} (each expert rank "
-          f"holds num_experts / mesh.expert experts)")
-    _need(e.dispatch in ("capacity", "dropless"),
-          f"config field 'moe.dispatch' = {e.dispatch!r}: valid values are 'capacity', 'dropless'")
-    _need(e.dispatch != "capacity" or e.capacity_factor > 0,
-          f"config field 'moe.capacity_factor' = {e.capacity_factor}: must be > 0 in capacity mode "
-          f"(or set moe.dispatch=dropless)")
-    _need(e.score in ("softmax", "sigmoid"),
-          f"config field 'moe.score' = {e.score!r}: valid values are 'softmax', 'sigmoid'")
-    _need(e.expert_size >= 0, f"config field 'moe.expert_size' = {e.expert_size}: must be >= 0 "
-                              f"(0 = model.intermediate_size)")
-    size = e.expert_size or m.intermediate_size
-    _need(size % tp == 0,
-          f"config field 'moe.expert_size' = {size}: must be divisible by mesh.tensor = {tp}")
-    _need(e.shared_experts >= 0, f"config field 'moe.shared_experts' = {e.shared_experts}: must be >= 0")
-    _need(0 <= e.first_dense_layers < m.num_layers,
-          f"config field 'moe.first_dense_layers' = {e.first_dense_layers}: must be in [0, model.num_layers = "
-          f"{m.num_layers})")
-    _need(e.every_n_layers >= 1, f"config field 'moe.every_n_layers' = {e.every_n_layers}: must be >= 1")
-    rest = m.num_layers - e.first_dense_layers
-    _need(rest % e.every_n_layers == 0,
-          f"config field 'moe.every_n_layers' = {e.every_n_layers}: must divide model.num_layers - "
-          f"moe.first_dense_layers = {rest} (the layers after the dense ones repeat [MoE, dense x (N-1)])")
-    for name in ("aux_loss", "router_z_loss", "bias_update_rate"):
-        value = getattr(e, name)
-        _need(value >= 0, f"config field 'moe.{name}' = {value}: must be >= 0 (0 = off)")
-    _need(sizes["pipe"] == 1,
-          f"config field 'mesh.pipe' = {sizes['pipe']}: MoE layers do not run in pipeline stages yet (missing: the "
-          f"mixed dense/MoE stack split into stages, and the aux losses and router statistics carried out of the "
-          f"schedule); set mesh.pipe=1")
-
-
 def validate_pipeline(cfg: Config, pipe: int) -> None:
     """Pipeline checks (`pipe`: the resolved mesh's pipe size)."""
     pc, m, t = cfg.pipeline, cfg.model, cfg.train
@@ -391,6 +344,11 @@ def validate_pipeline(cfg: Config, pipe: int) -> None:
     _need(m.num_layers % (pipe * v) == 0,
           f"config field 'model.num_layers' = {m.num_layers}: must be divisible into mesh.pipe x chunks = "
           f"{pipe} x {v} = {pipe * v} pipeline stages of equal size")
+    if cfg.moe.num_experts > 0:
+        n = cfg.moe.every_n_layers
+        _need((m.num_layers // (pipe * v)) % n == 0,
+              f"config field 'moe.every_n_layers' = {n}: must divide the {m.num_layers // (pipe * v)} layers of each "
+              f"of the {pipe * v} pipeline stages, so that every stage holds whole [MoE, dense x (n-1)] groups")
     _need(t.grad_accum == 1,
           f"config field 'train.grad_accum' = {t.grad_accum}: with mesh.pipe > 1 the step's microbatches are "
           f"pipeline.microbatches; set train.grad_accum=1")

@@ -11,6 +11,12 @@ class UserError(Exception):
     """A problem in the user's input; the message says what is wrong and how to fix it."""
 
 
+def need(cond: bool, message: str) -> None:
+    """Raise UserError(message) unless `cond` (the config checks' one-line form)."""
+    if not cond:
+        raise UserError(message)
+
+
 class RunAborted(Exception):
     """The run gave up on its own (a non-finite loss, a detector's `stop`): the CLI prints the message in
     one line and exits with code 4. Checkpoints already written are intact."""

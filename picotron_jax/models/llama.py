@@ -206,9 +206,7 @@ class Llama(nnx.Module):
         stacked = cast_layers({name: v[...] for name, v in self.layers.items()}, compute_dtype, module_dtypes)
         moe = None
         if self.moe_plan is not None:
-            moe_params = {k: v[...] if k.startswith("router") else v[...].astype(compute_dtype)
-                          for k, v in self.moe.items()}
-            moe = MoEStack(self.moe_cfg, self.moe_plan, moe_params)
+            moe = MoEStack(self.moe_cfg, self.moe_plan, cast_moe({k: v[...] for k, v in self.moe.items()}, compute_dtype))
         probe = None if probe_on is None else LayerProbe(probe_on, positions_T)
         x_BTD, stats, probed = run_layers(stacked, x_BTD, cos_TK, sin_TK, cfg, ops, module_dtypes, layer_stack,
                                           layer_tap, moe, probe=probe)
@@ -250,6 +248,12 @@ def cast_layers(layers: Mapping[str, jax.Array], compute_dtype,
                 module_dtypes: Mapping[str, jnp.dtype] | None = None) -> dict:
     """Stacked layer params [L', ...] in their modules' compute dtypes."""
     return {name: a.astype(module_dtype(f"layers.{name}", compute_dtype, module_dtypes)) for name, a in layers.items()}
+
+
+def cast_moe(moe: Mapping[str, jax.Array], compute_dtype) -> dict:
+    """MoE layer params [L_moe, ...] for the stack: the router (and its bias) in fp32, the experts in the
+    compute dtype."""
+    return {k: v if k.startswith("router") else v.astype(compute_dtype) for k, v in moe.items()}
 
 
 @dataclass(frozen=True)

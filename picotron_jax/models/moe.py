@@ -77,16 +77,21 @@ def expert_load(experts_BTK: jax.Array, num_experts: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(experts_BTK, num_experts, dtype=F32), axis=(0, 1, 2))
 
 
-def switch_aux_loss(probs_NE: jax.Array, experts_NK: jax.Array) -> jax.Array:
+def assignment_fraction(experts_NK: jax.Array, num_experts: int) -> jax.Array:
+    """[E] fp32: the share of the N*K assignments sent to each expert."""
+    return jnp.mean(jnp.sum(jax.nn.one_hot(experts_NK, num_experts, dtype=F32), axis=1), axis=0) / experts_NK.shape[-1]
+
+
+def switch_aux_loss(probs_NE: jax.Array, experts_NK: jax.Array, fraction_E: jax.Array | None = None) -> jax.Array:
     """E * sum_e f_e * P_e; f_e = share of the N*K assignments sent to e, P_e = mean probability of e.
 
     As Megatron-Core's switch_load_balancing_loss_func: counts before capacity drops, no gradient
-    through f (a count), the gradient flows through P."""
-    N, E = probs_NE.shape
-    K = experts_NK.shape[-1]
-    f_E = jnp.sum(jax.nn.one_hot(experts_NK, E, dtype=F32), axis=(0, 1)) / (N * K)
+    through f (a count), the gradient flows through P. `fraction_E`: f when it is counted over more
+    tokens than these (the pipeline's stages: over every token rank); given f the loss is linear in P."""
+    E = probs_NE.shape[-1]
+    f_E = assignment_fraction(experts_NK, E) if fraction_E is None else fraction_E
     P_E = jnp.mean(probs_NE, axis=0)
-    return E * jnp.sum(f_E * P_E)
+    return E * jnp.sum(jax.lax.stop_gradient(f_E) * P_E)
 
 
 def router_z_loss(logits_NE: jax.Array) -> jax.Array:
@@ -174,7 +179,9 @@ def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: "Par
     w_down [E, F, D], shared_gate/shared_up [D, S], shared_down [S, D] (if shared experts).
     `ops.capacity_experts` / `ops.dropless_experts` run the experts (one device, or expert
     parallel over the mesh: parallel/expert.py). Stats (fp32): load [E] token copies per expert,
-    dropped (copies), aux (Switch loss), z (router z-loss), all over this call's whole batch."""
+    dropped (copies), aux (Switch loss), z (router z-loss), all over this call's whole batch; where the
+    program holds one of several equal shares of the batch's tokens (`ops.token_share_mean`: the pipeline's
+    stages), this share's part of each, so that their sums over the shares are the batch's values."""
     B, T, D = h_BTD.shape
     E, K = cfg.num_experts, cfg.top_k
     with jax.named_scope("moe_router"):  # named scopes: the profiler's modules (picotron_jax/profile)
@@ -203,10 +210,12 @@ def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: "Par
                 "btd,ds->bts", h_BTD, p["shared_up"])
             y_BTD = y_BTD + project("bts,sd->btd", ops.constrain(act_BTS, ("batch", "seq", "mlp")),
                                     p["shared_down"])
+    experts_NK = r.experts_BTK.reshape(B * T, K)
+    f_E, share = ops.token_share_mean(jax.lax.stop_gradient(assignment_fraction(experts_NK, E)))
     stats = {
         "load": expert_load(r.experts_BTK, E),
         "dropped": dropped,
-        "aux": switch_aux_loss(r.probs_BTE.reshape(B * T, E), r.experts_BTK.reshape(B * T, K)),
-        "z": router_z_loss(r.logits_BTE.reshape(B * T, E)),
+        "aux": switch_aux_loss(r.probs_BTE.reshape(B * T, E), experts_NK, f_E) * share,
+        "z": router_z_loss(r.logits_BTE.reshape(B * T, E)) * share,
     }
     return y_BTD, stats

@@ -55,6 +55,10 @@ class ParallelOps(Protocol):
                          w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
         """Every token copy through its expert, none dropped: [B, T, D] -> [B, T, K, D]."""
 
+    def token_share_mean(self, x: jax.Array) -> tuple[jax.Array, float | jax.Array]:
+        """(the mean of x over the R equal shares of the batch's tokens that programs like this one hold,
+        1 / R): x itself and 1 where the program sees the whole batch (here and under GSPMD)."""
+
 
 class LocalOps:
     """ParallelOps on one device: plain jnp."""
@@ -90,6 +94,9 @@ class LocalOps:
 
     def dropless_experts(self, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD):
         return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+    def token_share_mean(self, x):
+        return x, 1.0
 
 
 LOCAL_OPS = LocalOps()

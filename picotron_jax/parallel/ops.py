@@ -71,10 +71,16 @@ class MeshOps:
     def dropless_experts(self, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD):
         return expert_parallel_dropless(self.rules, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
+    def token_share_mean(self, x):
+        """The whole batch under GSPMD: x itself."""
+        return x, 1.0
+
 
 # inside a program manual over every axis, size-1 axes are harmless: their collectives are no-ops
 (_TENSOR,) = LOGICAL_RULES["mlp"]
 (_EXPERT,) = LOGICAL_RULES["experts"]
+# every axis a microbatch's rows or columns are split over
+TOKEN_AXES = tuple(dict.fromkeys(LOGICAL_RULES["batch"] + LOGICAL_RULES["seq"]))
 
 
 class StageOps:
@@ -140,5 +146,12 @@ class StageOps:
     def dropless_experts(self, x_btD, experts_btK, w_gate, w_up, w_down):
         return dropless_local(x_btD, experts_btK, w_gate, w_up, w_down, w_gate.shape[0] * jax.lax.axis_size(_EXPERT),
                               _EXPERT, _TENSOR)
+
+    def token_share_mean(self, x):
+        """This rank holds one of R equal shares of the microbatch's tokens (R = the sizes of the token axes)."""
+        ranks = 1
+        for axis in TOKEN_AXES:
+            ranks *= jax.lax.axis_size(axis)
+        return jax.lax.pmean(x, TOKEN_AXES), 1.0 / ranks
 
 

@@ -47,15 +47,15 @@ from picotron_jax.compat import varying_axes
 from picotron_jax.config import Config
 from picotron_jax.models.attention import rotary_tables
 from picotron_jax.models import llama
-from picotron_jax.parallel.ops import StageOps
+from picotron_jax.models.moe_layers import MoEPlan, moe_plan
+from picotron_jax.parallel.ops import TOKEN_AXES, StageOps
 from picotron_jax.parallel.pipeline_schedule import Schedule, build_schedule, schedule_of_config
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_spec
 
 (PIPE,) = LOGICAL_RULES["layers"]
 (TENSOR,) = LOGICAL_RULES["heads"]
 (CONTEXT,) = LOGICAL_RULES["seq"]
-# every axis a microbatch's rows or columns are split over: activations and gradient sums vary over them
-TOKEN_AXES = tuple(dict.fromkeys(LOGICAL_RULES["batch"] + LOGICAL_RULES["seq"]))
+STAGED = ("layers", "moe")  # the params held per stage ([L, ...], [L_moe, ...]); the rest: first / last stage's
 F32 = jnp.float32
 
 
@@ -79,11 +79,13 @@ def _param_specs(rules: MeshRules, logical_axes: Any, shapes: Any) -> Any:
         return logical_to_spec(axes, rules.mesh, LOGICAL_RULES, shape.shape)
 
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
-    out = {k: jax.tree.map(lambda a, s: spec(a, s, False), logical_axes[k], shapes[k], is_leaf=is_axes)
-           for k in logical_axes if k != "layers"}
-    out["layers"] = jax.tree.map(lambda a, s: spec(a, s, True), logical_axes["layers"], shapes["layers"],
-                                 is_leaf=is_axes)
-    return out
+    return {k: jax.tree.map(lambda a, s: spec(a, s, k in STAGED), logical_axes[k], shapes[k], is_leaf=is_axes)
+            for k in logical_axes}
+
+
+def _split_axes(spec: P) -> set[str]:
+    """The mesh axes a parameter is split over (its gradient is not summed over them)."""
+    return {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
 
 
 def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F32,
@@ -116,6 +118,9 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
     batch_axes = tuple(a for a in mesh.axis_names if a in TOKEN_AXES)
     act_axes = (PIPE, *batch_axes)  # every activation, buffer and gradient sum varies over these
     param_specs = _param_specs(rules, spec.logical_axes, spec.shapes)
+    plan = moe_plan(mc, cfg.moe)  # None: a dense model
+    staged = tuple(k for k in STAGED if k in param_specs)
+    stage_plan = None if plan is None else MoEPlan(Lc, 0, plan.every_n)  # every stage: Lc / n [MoE, dense x (n-1)]
     tok_spec = rules.activation_spec(("batch", "seq"))
     micro_specs = {k: P(None, *tok_spec) for k in ("inputs", "targets", "mask")}
     tables = {k: np.asarray(t) for k, t in sched.tables.items()}
@@ -125,7 +130,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
     def local(params, micro, seed, flags, probe_on):
         r = jax.lax.axis_index(PIPE)
         params = jax.tree.map(lambda x: _vary(x, act_axes), params)
-        params = {**params, "layers": {k: a[:, 0] for k, a in params["layers"].items()}}  # [v, Lc, ...]
+        params = {**params, **{s: {k: a[:, 0] for k, a in params[s].items()} for s in staged}}  # [v, Lc, ...]
         b, n = micro["inputs"].shape[1:]  # n = T / context columns, in the sequence layout
         positions_n = order_T = None  # this rank's columns' positions, all columns': arange unless context-parallel
         if context_split:
@@ -137,11 +142,11 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
 
         tap = None if layer_tap_of is None else layer_tap_of(flags)
 
-        def layers_with(stack, probe, chunk_params, x_bTD, stage):
-            stacked = llama.cast_layers(chunk_params, cd, module_dtypes)
-            y_bTD, _, probed = llama.run_layers(stacked, x_bTD, cos_TK, sin_TK, mc, ops, module_dtypes, stack, tap,
-                                                first_layer=stage * Lc, probe=probe)
-            return y_bTD if probe is None else (y_bTD, probed)
+        def layers_with(stack, probe, chunk, x_bTD, stage):  # -> (y, MoE stats [Gc, ...] or None, probe or None)
+            stacked = llama.cast_layers(chunk["layers"], cd, module_dtypes)
+            moe = None if plan is None else llama.MoEStack(cfg.moe, stage_plan, llama.cast_moe(chunk["moe"], cd))
+            return llama.run_layers(stacked, x_bTD, cos_TK, sin_TK, mc, ops, module_dtypes, stack, tap, moe,
+                                    first_layer=stage * Lc, probe=probe)
 
         def stage_forward(chunk_params, x_bTD, stage, probe=None):
             if len(branches) == 1:
@@ -157,41 +162,60 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
             nll, z = llama.head_loss(h_bTD, ends, micro["targets"][i], micro["mask"][i], mc, ops, hd)
             return nll + z_coef * z, (nll, z)
 
+        moe_weights = None  # each microbatch's tokens x the balancing losses' coefficients: their B's seeds
+        if plan is not None:
+            tokens_m = jax.lax.psum(_vary(jnp.sum(micro["mask"].astype(F32), axis=(1, 2)), batch_axes), batch_axes)
+            moe_weights = {"tokens": tokens_m, "aux": cfg.moe.aux_loss, "z": cfg.moe.router_z_loss}
+        moe_shapes = None if plan is None else {
+            k: (stage_plan.num_moe, cfg.moe.num_experts) if k == "load" else (stage_plan.num_moe,) for k in MOE_STATS}
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, llama.head_param(mc), act_axes,
                     _vary(jnp.zeros((b, n, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
-                    _vary(seed.astype(F32), act_axes), probe_on, positions_n)
+                    _vary(seed.astype(F32), act_axes), staged, probe_on, positions_n, moe_weights, moe_shapes)
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
-        nll, z, grads, probed = _run_schedule(st, params)
+        nll, z, grads, probed, moe_sums = _run_schedule(st, params)
         nll, z = jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
-        layer_grads = {k: jax.lax.psum(g, batch_axes)[:, None] for k, g in grads.pop("layers").items()}
-        grads = {k: jax.lax.psum(g, act_axes) for k, g in grads.items()}  # embedding / head: first / last rank
+
+        def total(g, spec, over):  # over the axes the gradient's parameter is not split over (experts: expert)
+            return jax.lax.psum(g, tuple(a for a in over if a not in _split_axes(spec)))
+
+        grads = {k: jax.tree.map(lambda g, sp: total(g, sp, batch_axes)[:, None] if k in staged  # this rank's stages
+                                 else total(g, sp, act_axes), grads[k], param_specs[k])  # embedding / head
+                 for k in grads}
+        if moe_sums is not None:  # each token rank's share, summed: the microbatches' token-weighted sums
+            moe_sums = {k: jax.lax.psum(a, batch_axes)[:, None] for k, a in moe_sums.items()}
         if probed is not None:  # summed over microbatches, averaged over the token ranks (equal rows each)
             ranks = int(np.prod([mesh.shape[a] for a in batch_axes]))
             over = {"sum": jax.lax.psum, "max": jax.lax.pmax}
             probed = {k: over[rule](probed[k], batch_axes)[:, None] for k, rule in llama.PROBE_COMBINE.items()}
             probed["act_ms"] = probed["act_ms"] / ranks
-        return nll, z, {**grads, "layers": layer_grads}, probed
+        return nll, z, grads, probed, moe_sums
 
     probe_specs = {k: P(None, PIPE) for k in llama.PROBE_FIELDS}  # [v, p, Lc], like the layer gradients
+    moe_specs = None if plan is None else {k: P(None, PIPE) for k in MOE_STATS}  # [v, p, Gc, ...]
 
     def sharded(params, micro, seed, flags, probe_on):
         if forward_only:
             return jax.shard_map(lambda *a: local(*a, None), mesh=mesh, in_specs=(param_specs, micro_specs, P(), P()),
                                  out_specs=(P(), P()))(params, micro, seed, flags)
         if probe_on is None:
-            return (*jax.shard_map(lambda *a: local(*a, None)[:3], mesh=mesh,
-                                   in_specs=(param_specs, micro_specs, P(), P()),
-                                   out_specs=(P(), P(), param_specs))(params, micro, seed, flags), None)
+            nll, z, grads, moe_sums = jax.shard_map(
+                lambda *a: (lambda out: (*out[:3], out[4]))(local(*a, None)), mesh=mesh,
+                in_specs=(param_specs, micro_specs, P(), P()),
+                out_specs=(P(), P(), param_specs, moe_specs))(params, micro, seed, flags)
+            return nll, z, grads, None, moe_sums
         return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, micro_specs, P(), P(), P()),
-                             out_specs=(P(), P(), param_specs, probe_specs))(params, micro, seed, flags, probe_on)
+                             out_specs=(P(), P(), param_specs, probe_specs, moe_specs))(params, micro, seed, flags,
+                                                                                         probe_on)
 
     def loss_and_grads(params, micro, seed=None, fault_flags=None, probe_on=None):
         """-> (nll sum, z sum, gradient sums, probe sums: {act_ms, attn_logit_max} f32[L] or None without
-        `probe_on`; act_ms summed over the microbatches). The microbatches come in the natural column order
+        `probe_on`; act_ms summed over the microbatches, MoE sums: {load [L_moe, E], dropped, aux, z [L_moe]}
+        summed over the microbatches, aux and z weighted by each one's tokens as train/moe_aux.py's
+        `token_weighted`, or None for a dense model). The microbatches come in the natural column order
         and are laid out here for context parallelism (as train/step.py's `to_sequence_layout`)."""
-        layers = {k: a.reshape(v, p, Lc, *a.shape[1:]) for k, a in params["layers"].items()}
+        stages = {s: {k: a.reshape(v, p, -1, *a.shape[1:]) for k, a in params[s].items()} for s in staged}
         if context_split:
             order_T = rules.sequence_order(micro["inputs"].shape[-1])
             micro = {k: jax.lax.with_sharding_constraint(jnp.take(x, order_T, axis=-1), rules.named(micro_specs[k]))
@@ -199,14 +223,19 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         seed = jnp.ones((), F32) if seed is None else jnp.asarray(seed, F32)
         flags = jnp.zeros((2,), jnp.int32) if fault_flags is None else fault_flags
         if forward_only:
-            return sharded({**params, "layers": layers}, micro, seed, flags, None)
-        nll, z, grads, probed = sharded({**params, "layers": layers}, micro, seed, flags, probe_on)
-        grads["layers"] = {k: a.reshape(L, *a.shape[3:]) for k, a in grads["layers"].items()}
+            return sharded({**params, **stages}, micro, seed, flags, None)
+        nll, z, grads, probed, moe_sums = sharded({**params, **stages}, micro, seed, flags, probe_on)
+        grads = {**grads, **{s: {k: a.reshape(-1, *a.shape[3:]) for k, a in grads[s].items()} for s in staged}}
         if probed is not None:
             probed = {k: a.reshape(L) for k, a in probed.items()}
-        return nll, z, grads, probed
+        if moe_sums is not None:
+            moe_sums = {k: a.reshape(-1, *a.shape[3:]) for k, a in moe_sums.items()}
+        return nll, z, grads, probed, moe_sums
 
     return loss_and_grads
+
+
+MOE_STATS = ("load", "dropped", "aux", "z")  # models/moe.py moe_ffn's stats
 
 
 def _ring(p: int, step: int) -> list[tuple[int, int]]:
@@ -223,13 +252,16 @@ class _Stage:
     head_key: str  # "lm_head", or "embed" when tied
     act_axes: tuple[str, ...]
     zero_act: jax.Array  # [b, T, D] zeros, typed like every activation
-    stage_forward: Callable  # (chunk params [Lc, ...], x [b, T, D], global stage) -> y [b, T, D]
+    stage_forward: Callable  # (chunk params, x [b, T, D], global stage[, probe]) -> (y [b, T, D], MoE stats, probe)
     embed: Callable  # (table, microbatch) -> x [b, T, D]
     head_loss: Callable  # ({"final_norm", head param}, y, microbatch) -> (objective, (nll, z))
     z_coef: float
     seed: jax.Array  # the backward's starting gradient (1, or the fp16 loss scale / tokens)
+    staged: tuple[str, ...]  # the param groups split into stages ("layers", and "moe" in an MoE model)
     probe_on: jax.Array | None = None  # the monitor's layer probe (models/llama.py LayerProbe); None: off
     positions_n: jax.Array | None = None  # this rank's columns' positions under context parallelism, else None
+    moe_weights: dict | None = None  # {"tokens": [m] each microbatch's tokens, "aux", "z": the coefficients}
+    moe_shapes: dict | None = None  # the MoE stats' shapes per chunk: load [Gc, E], the others [Gc]
 
     def ends(self, params: dict) -> dict:
         """The last stage's parameters: final norm and the head's (the embedding table when tied)."""
@@ -241,10 +273,25 @@ class _Stage:
     def zero(self) -> jax.Array:
         return _vary(jnp.zeros((), F32), self.act_axes)
 
+    def chunk(self, params: dict, c: jax.Array) -> dict:
+        """One chunk's stage params [Lc, ...] out of [v, Lc, ...]."""
+        return {s: {k: jax.lax.dynamic_index_in_dim(a, c, keepdims=False) for k, a in params[s].items()}
+                for s in self.staged}
 
-def _chunk(layers: dict, c: jax.Array) -> dict:
-    """One chunk's layers [Lc, ...] out of [v, Lc, ...]."""
-    return {k: jax.lax.dynamic_index_in_dim(a, c, keepdims=False) for k, a in layers.items()}
+    def weighted_stats(self, stats: dict, i: jax.Array) -> dict:
+        """One microbatch's MoE stats with the losses times its tokens (train/moe_aux.py token_weighted)."""
+        w = self.moe_weights["tokens"][i]
+        return {**stats, "aux": stats["aux"] * w, "z": stats["z"] * w}
+
+    def stats_cotangent(self, stats: dict | None, i: jax.Array) -> dict | None:
+        """The gradient of the step's objective (times the seed) with respect to a stage's MoE stats: the
+        balancing losses enter it as coefficient x tokens x loss; the counts are not differentiated."""
+        if stats is None:
+            return None
+        seed = self.seed * self.moe_weights["tokens"][i]
+        cot = {k: jnp.broadcast_to(seed * self.moe_weights[k], stats[k].shape) for k in ("aux", "z")}
+        return {k: _vary(cot[k], tuple(sorted(varying_axes(a)))) if k in cot else _zeros_like(a, a.dtype)
+                for k, a in stats.items()}
 
 
 def _afab_forward(st: _Stage, params: dict):
@@ -254,7 +301,7 @@ def _afab_forward(st: _Stage, params: dict):
     xs = {k: st.tables[k][: last_f + 1] for k in ("f_on", "f_mb", "f_first", "f_last")}
     p = s.p
     zero = st.zero()
-    stage_params = {k: a[0] for k, a in params["layers"].items()}  # v = 1: one chunk per rank
+    stage_params = {s: {k: a[0] for k, a in params[s].items()} for s in st.staged}  # v = 1: one chunk per rank
 
     def slot(carry, xs_t):
         x_recv, nll, z = carry
@@ -263,7 +310,7 @@ def _afab_forward(st: _Stage, params: dict):
 
         def forward(x_recv):
             x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: x_recv)
-            y = st.stage_forward(stage_params, x, st.rank)
+            y, _, _ = st.stage_forward(stage_params, x, st.rank)
 
             def loss(y):
                 _, (nll, z) = st.head_loss(st.ends(params), y, i)
@@ -295,19 +342,23 @@ def _run_schedule(st: _Stage, params: dict):
     if st.probe_on is not None:  # per chunk and layer of this rank: [v, Lc]
         lc = jax.tree.leaves(params["layers"])[0].shape[1]
         carry["probe"] = {k: _vary(jnp.zeros((s.v, lc), F32), st.act_axes) for k in llama.PROBE_FIELDS}
+    if st.moe_weights is not None:  # per chunk and MoE layer of this rank: [v, Gc, ...]
+        carry["moe"] = {k: _vary(jnp.zeros((s.v, *shape), F32), st.act_axes) for k, shape in st.moe_shapes.items()}
 
     def forward(row, c):
         i = row["f_mb"]
         x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: c["acts"][row["f_buf"]])
         c = {**c, "acts": c["acts"].at[row["f_buf"]].set(x)}
-        chunk, stage = _chunk(params["layers"], row["f_chunk"]), row["f_chunk"] * p + st.rank
-        if st.probe_on is None:
-            y = st.stage_forward(chunk, x, stage)
-        else:  # the forward records the probe; B's recompute of the stage does not
-            y, probed = st.stage_forward(chunk, x, stage, llama.LayerProbe(st.probe_on, st.positions_n))
-            k, old = row["f_chunk"], c["probe"]
+        k, stage = row["f_chunk"], row["f_chunk"] * p + st.rank
+        # the forward records the probe and the MoE stats; B's recompute of the stage does not
+        probe = None if st.probe_on is None else llama.LayerProbe(st.probe_on, st.positions_n)
+        y, stats, probed = st.stage_forward(st.chunk(params, k), x, stage, probe)
+        if probed is not None:
             at = {"sum": lambda a, x: a.at[k].add(x), "max": lambda a, x: a.at[k].max(x)}
-            c = {**c, "probe": {n: at[rule](old[n], probed[n]) for n, rule in llama.PROBE_COMBINE.items()}}
+            c = {**c, "probe": {n: at[rule](c["probe"][n], probed[n]) for n, rule in llama.PROBE_COMBINE.items()}}
+        if stats is not None:
+            weighted = st.weighted_stats(stats, i)
+            c = {**c, "moe": {n: a.at[k].add(weighted[n]) for n, a in c["moe"].items()}}
 
         def loss(c, y):  # last stage: loss, and its gradient for this microbatch's B
             head_fn = lambda ends, y: st.head_loss(ends, y, i)  # noqa: E731
@@ -323,11 +374,11 @@ def _run_schedule(st: _Stage, params: dict):
     def backward(row, c):
         i, k = row["b_mb"], row["b_chunk"]
         x, dy = c["acts"][row["b_buf"]], c["grads_in"][row["b_gbuf"]]
-        stage_fn = lambda chunk, x: st.stage_forward(chunk, x, k * p + st.rank)  # noqa: E731
-        _, vjp = jax.vjp(stage_fn, _chunk(params["layers"], k), x)
-        d_chunk, dx = vjp(dy)
-        layers = {n: g.at[k].add(d_chunk[n].astype(F32)) for n, g in c["grads"]["layers"].items()}
-        c = {**c, "grads": {**c["grads"], "layers": layers}}
+        stage_fn = lambda chunk, x: st.stage_forward(chunk, x, k * p + st.rank)[:2]  # noqa: E731
+        (_, stats), vjp = jax.vjp(stage_fn, st.chunk(params, k), x)
+        d_chunk, dx = vjp((dy, st.stats_cotangent(stats, i)))
+        staged = {g: {n: a.at[k].add(d_chunk[g][n].astype(F32)) for n, a in c["grads"][g].items()} for g in st.staged}
+        c = {**c, "grads": {**c["grads"], **staged}}
 
         def to_embedding(c, dx):  # first stage: the gradient reaches the embedding table
             _, vjp = jax.vjp(lambda table: st.embed(table, i), params["embed"])
@@ -348,4 +399,4 @@ def _run_schedule(st: _Stage, params: dict):
         return {**c, "acts": acts, "grads_in": grads_in}, None
 
     c, _ = jax.lax.scan(slot, carry, st.tables)
-    return c["nll"], c["z"], c["grads"], c.get("probe")
+    return c["nll"], c["z"], c["grads"], c.get("probe"), c.get("moe")

@@ -156,12 +156,12 @@ def make_grad_fn(cfg: Config, rules: MeshRules, setup: StateSetup):
         tokens = jnp.sum(batch["mask"].astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         sums_scale = None if scale is None else scale / denom  # S x (sum / tokens)
-        if pipelined is not None:  # dense layers only (config validation)
+        if pipelined is not None:
             if fault_flags is not None:
                 batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
             micro = split_microbatches(batch, cfg.pipeline.microbatches, rules)
-            nll, z, grads, probed = pipelined(params, micro, sums_scale, fault_flags, probe_on)
-            moe, probe_count = None, cfg.pipeline.microbatches
+            nll, z, grads, probed, moe = pipelined(params, micro, sums_scale, fault_flags, probe_on)
+            probe_count = cfg.pipeline.microbatches
         elif grouped:  # parallel/zero.py: each data rank's gradient sums, reduce-scattered over data
             if fault_flags is not None:  # the noise spike on the whole batch, as without groups
                 batch = faults.noisy_tokens(cfg.faults, fault_flags, batch, cfg.model.vocab_size, cfg.train.seed)
