@@ -4,7 +4,9 @@ assignment from `compiled.memory_analysis()`, no timing).
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/pipeline_memory.py \
         --config meshes/pp4-1f1b.yaml pipeline.microbatches=16 train.global_batch=32
 
-Prints one JSON line per schedule (afab, 1f1b, interleaved) with the bubble fractions.
+Prints one JSON line per schedule (afab, 1f1b, interleaved) with the bubble fractions (counted, analytic,
+time-weighted for this lockstep executor and for a dataflow one) and the remat policy; compare AFAB and 1F1B
+like for like with `memory.remat=none` and `memory.remat=full`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 from picotron_jax.bench import compiled_memory
 from picotron_jax.config import load_config
 from picotron_jax.memory.estimate import abstract_inputs
-from picotron_jax.parallel.pipeline_schedule import build_schedule
+from picotron_jax.parallel.pipeline_schedule import backward_cost, build_schedule, idle_share
 from picotron_jax.run import build_run
 
 
@@ -35,7 +37,10 @@ def main() -> None:
             "schedule": schedule, "pipe": pipe, "microbatches": sched.m, "virtual_stages": sched.v,
             "bubble_counted": round(sched.bubble_fraction(), 4),
             "bubble_analytic": round(sched.analytic_bubble_fraction(), 4),
+            "backward_cost": backward_cost(cfg.memory.remat),  # one B in F's: 2, or 3 under remat
+            "idle_time_weighted": {k: round(v, 4) for k, v in idle_share(sched, 1.0, backward_cost(cfg.memory.remat)).items()},
             "max_in_flight": max(sched.max_in_flight()),
+            "remat": cfg.memory.remat,
             **compiled_memory(compiled),
         }), flush=True)
 

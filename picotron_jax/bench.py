@@ -98,9 +98,9 @@ def _pipeline_report(cfg: Config, pipe: int) -> dict | None:
     """Schedule, bubble fraction (counted and analytic) and stored-input bound; None without a pipeline."""
     if pipe == 1:
         return None
-    from picotron_jax.parallel.pipeline_schedule import schedule_of_config, schedule_report
+    from picotron_jax.parallel.pipeline_schedule import backward_cost, schedule_of_config, schedule_report
 
-    return schedule_report(schedule_of_config(cfg, pipe))
+    return schedule_report(schedule_of_config(cfg, pipe), backward_cost(cfg.memory.remat))
 
 
 def bench_peak() -> dict:

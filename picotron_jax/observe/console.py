@@ -32,13 +32,13 @@ def banner(run, peak: float, peak_source: str) -> list[str]:
     if unsplit:
         lines.append(f"replicated ({len(unsplit)}): " + "; ".join(unsplit[:4]) + ("; ..." if len(unsplit) > 4 else ""))
     if run.mesh.shape["pipe"] > 1:
-        from picotron_jax.parallel.pipeline_schedule import schedule_of_config, schedule_report
+        from picotron_jax.parallel.pipeline_schedule import backward_cost, schedule_of_config, schedule_report
 
-        pr = schedule_report(schedule_of_config(cfg, run.mesh.shape["pipe"]))
+        pr = schedule_report(schedule_of_config(cfg, run.mesh.shape["pipe"]), backward_cost(cfg.memory.remat))
         lines.append(
             f"pipeline {pr['schedule']}: {pr['pipe']} ranks x {pr['virtual_stages']} chunk(s), "
             f"{pr['microbatches']} microbatches, {pr['slots']} slots | bubble {pr['bubble_counted']:.3f} "
-            f"counted, {pr['bubble_analytic']:.3f} analytic, time-weighted (B = 3F) {pr['idle_lockstep']:.3f} "
+            f"counted, {pr['bubble_analytic']:.3f} analytic, time-weighted (B = {pr['idle_cost_b']:g}F) {pr['idle_lockstep']:.3f} "
             f"lockstep / {pr['idle_dataflow']:.3f} dataflow | at most {pr['max_in_flight']} microbatch(-chunk)s "
             f"in flight per rank"
         )

@@ -11,17 +11,23 @@ input-gradients to rank r-1 with `ppermute` (a ring, so interleaved chunks wrap 
 Compile time does not grow with m: the scan body is traced once.
 
 Every schedule runs through the same executor (`_run_schedule`): the backward is written by hand
-inside the loop. Each rank keeps a buffer of the *inputs* of microbatches that ran F but not yet
-B; B recomputes the stage forward under `jax.vjp` and applies the gradient that arrived from the
-next stage.
+inside the loop. F runs the stage under `jax.vjp` and keeps the pullback's residuals (activations;
+under a remat policy only what it saves) per input-buffer slot until the microbatch's B, which rebuilds
+the pullback from them and the stage's weights, read again (pipeline_residuals.py), and applies the
+gradient that arrived from the next stage: nothing is recomputed unless a remat policy says so.
 
-- AFAB (GPipe, Huang et al. 2019): every forward slot, then every backward slot; the buffer holds
-  all m microbatch inputs, so memory grows with m x activations only. (Differentiating the
+- AFAB (GPipe, Huang et al. 2019): every forward slot, then every backward slot; the buffers hold
+  all m microbatches' residuals, so memory grows with m x activations only. (Differentiating the
   scanned forward slots with `jax.grad` instead stacks the residuals leaving each slot's
   `lax.cond` per slot, the stage weights and the LM head included: one [V, D] table per
   microbatch. Evaluation, which has no backward, still scans the forward slots: `_afab_forward`.)
-- 1F1B and interleaved (Narayanan et al. 2019, 2021): the buffer holds at most p - r inputs on
+- 1F1B and interleaved (Narayanan et al. 2019, 2021): the buffers hold at most p - r microbatches on
   rank r for 1F1B: activation memory is bounded by p, not m.
+
+MoE layers (models/moe_layers.py) run inside the stages: each stage holds whole [MoE, dense x (n-1)]
+groups, the expert all-to-alls run in the stage, and the stages' MoE stats (each token rank's share:
+models/moe.py) are accumulated per microbatch and summed at the end; the balancing losses' gradients
+enter each B through the cotangent of those stats.
 
 Tensor, data and expert axes: the shard_map is manual over all of them, so the model runs with
 `StageOps` (parallel/ops.py: local attention heads, explicit all-reduces over `tensor` after row-parallel
@@ -49,6 +55,7 @@ from picotron_jax.models.attention import rotary_tables
 from picotron_jax.models import llama
 from picotron_jax.models.moe_layers import MoEPlan, moe_plan
 from picotron_jax.parallel.ops import TOKEN_AXES, StageOps
+from picotron_jax.parallel.pipeline_residuals import StageResiduals
 from picotron_jax.parallel.pipeline_schedule import Schedule, build_schedule, schedule_of_config
 from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_spec
 
@@ -154,6 +161,10 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
             fns = [functools.partial(layers_with, stack, probe) for stack in branches]
             return jax.lax.switch(jnp.asarray(branch_of_stage)[stage], fns, chunk_params, x_bTD, stage)
 
+        def cast(chunk):  # a chunk's params in their modules' compute dtypes (the stage's own casts: no-ops)
+            out = {"layers": llama.cast_layers(chunk["layers"], cd, module_dtypes)}
+            return out if plan is None else {**out, "moe": llama.cast_moe(chunk["moe"], cd)}
+
         def embed(table_vD, i):
             return llama.embed_tokens(table_vD, micro["inputs"][i], ops, cd, module_dtypes)
 
@@ -170,7 +181,7 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
             k: (stage_plan.num_moe, cfg.moe.num_experts) if k == "load" else (stage_plan.num_moe,) for k in MOE_STATS}
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, llama.head_param(mc), act_axes,
                     _vary(jnp.zeros((b, n, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
-                    _vary(seed.astype(F32), act_axes), staged, probe_on, positions_n, moe_weights, moe_shapes)
+                    _vary(seed.astype(F32), act_axes), staged, cast, probe_on, positions_n, moe_weights, moe_shapes)
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
@@ -258,6 +269,7 @@ class _Stage:
     z_coef: float
     seed: jax.Array  # the backward's starting gradient (1, or the fp16 loss scale / tokens)
     staged: tuple[str, ...]  # the param groups split into stages ("layers", and "moe" in an MoE model)
+    cast: Callable  # a chunk's params -> the same in their compute dtypes
     probe_on: jax.Array | None = None  # the monitor's layer probe (models/llama.py LayerProbe); None: off
     positions_n: jax.Array | None = None  # this rank's columns' positions under context parallelism, else None
     moe_weights: dict | None = None  # {"tokens": [m] each microbatch's tokens, "aux", "z": the coefficients}
@@ -283,15 +295,15 @@ class _Stage:
         w = self.moe_weights["tokens"][i]
         return {**stats, "aux": stats["aux"] * w, "z": stats["z"] * w}
 
-    def stats_cotangent(self, stats: dict | None, i: jax.Array) -> dict | None:
-        """The gradient of the step's objective (times the seed) with respect to a stage's MoE stats: the
-        balancing losses enter it as coefficient x tokens x loss; the counts are not differentiated."""
-        if stats is None:
+    def stats_cotangent(self, types: dict | None, i: jax.Array) -> dict | None:
+        """The gradient of the step's objective (times the seed) with respect to a stage's MoE stats (`types`:
+        name -> (shape, dtype, varying axes)): the balancing losses enter it as coefficient x tokens x loss;
+        the counts are not differentiated."""
+        if types is None:
             return None
         seed = self.seed * self.moe_weights["tokens"][i]
-        cot = {k: jnp.broadcast_to(seed * self.moe_weights[k], stats[k].shape) for k in ("aux", "z")}
-        return {k: _vary(cot[k], tuple(sorted(varying_axes(a)))) if k in cot else _zeros_like(a, a.dtype)
-                for k, a in stats.items()}
+        return {k: _vary(jnp.broadcast_to(seed * self.moe_weights[k] if k in ("aux", "z") else 0.0, shape)
+                         .astype(dtype), vma) for k, (shape, dtype, vma) in types.items()}
 
 
 def _afab_forward(st: _Stage, params: dict):
@@ -327,10 +339,13 @@ def _afab_forward(st: _Stage, params: dict):
 
 
 def _run_schedule(st: _Stage, params: dict):
-    """AFAB / 1F1B / interleaved: F and B written out per slot; B recomputes the stage from its stored input.
+    """AFAB / 1F1B / interleaved: F and B written out per slot; B runs the pullback F saved (its residuals
+    kept per input-buffer slot, the weights re-read: pipeline_residuals.py), so nothing is recomputed unless a
+    remat policy says so.
 
-    Carry: `acts` [Na, b, T, D] stage inputs (arrived, or waiting for their B), `grads_in`
-    [Ng, b, T, D] input-gradients from the next stage (or the loss), and f32 gradient sums."""
+    Carry: `acts` [Na, b, T, D] stage inputs (arrived, or waiting for their F), `saved` the residuals of the
+    microbatches between their F and B (per leaf [Na, ...]), `grads_in` [Ng, b, T, D] input-gradients from the
+    next stage (or the loss), and f32 gradient sums."""
     s, p = st.sched, st.sched.p
     b_T_D = st.zero_act.shape
     acc = jax.tree.map(_zeros_like, params)
@@ -342,6 +357,14 @@ def _run_schedule(st: _Stage, params: dict):
     if st.probe_on is not None:  # per chunk and layer of this rank: [v, Lc]
         lc = jax.tree.leaves(params["layers"])[0].shape[1]
         carry["probe"] = {k: _vary(jnp.zeros((s.v, lc), F32), st.act_axes) for k in llama.PROBE_FIELDS}
+    probe = None if st.probe_on is None else llama.LayerProbe(st.probe_on, st.positions_n)
+
+    def stage_fn(chunk_c, x, stage):  # -> ((y, MoE stats), probe stats): differentiated in chunk_c and x
+        y, stats, probed = st.stage_forward(chunk_c, x, stage, probe)
+        return (y, stats), probed
+
+    residuals = StageResiduals(stage_fn, st.act_axes)
+    carry["saved"] = residuals.buffers(st.cast(st.chunk(params, 0)), st.zero_act, st.rank, s.act_slots)
     if st.moe_weights is not None:  # per chunk and MoE layer of this rank: [v, Gc, ...]
         carry["moe"] = {k: _vary(jnp.zeros((s.v, *shape), F32), st.act_axes) for k, shape in st.moe_shapes.items()}
 
@@ -350,9 +373,8 @@ def _run_schedule(st: _Stage, params: dict):
         x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: c["acts"][row["f_buf"]])
         c = {**c, "acts": c["acts"].at[row["f_buf"]].set(x)}
         k, stage = row["f_chunk"], row["f_chunk"] * p + st.rank
-        # the forward records the probe and the MoE stats; B's recompute of the stage does not
-        probe = None if st.probe_on is None else llama.LayerProbe(st.probe_on, st.positions_n)
-        y, stats, probed = st.stage_forward(st.chunk(params, k), x, stage, probe)
+        (y, stats), probed, saved = residuals.save(c["saved"], row["f_buf"], st.cast(st.chunk(params, k)), x, stage)
+        c = {**c, "saved": saved}
         if probed is not None:
             at = {"sum": lambda a, x: a.at[k].add(x), "max": lambda a, x: a.at[k].max(x)}
             c = {**c, "probe": {n: at[rule](c["probe"][n], probed[n]) for n, rule in llama.PROBE_COMBINE.items()}}
@@ -373,10 +395,9 @@ def _run_schedule(st: _Stage, params: dict):
 
     def backward(row, c):
         i, k = row["b_mb"], row["b_chunk"]
-        x, dy = c["acts"][row["b_buf"]], c["grads_in"][row["b_gbuf"]]
-        stage_fn = lambda chunk, x: st.stage_forward(chunk, x, k * p + st.rank)[:2]  # noqa: E731
-        (_, stats), vjp = jax.vjp(stage_fn, st.chunk(params, k), x)
-        d_chunk, dx = vjp((dy, st.stats_cotangent(stats, i)))
+        dy = c["grads_in"][row["b_gbuf"]]
+        pullback = residuals.pullback(c["saved"], row["b_buf"], st.cast(st.chunk(params, k)))
+        d_chunk, dx = pullback((dy, st.stats_cotangent(residuals.out_types[1], i)))
         staged = {g: {n: a.at[k].add(d_chunk[g][n].astype(F32)) for n, a in c["grads"][g].items()} for g in st.staged}
         c = {**c, "grads": {**c["grads"], **staged}}
 

@@ -23,8 +23,8 @@ Bubble: one time unit per F or B (the analytic model of the papers); the bubble 
 idle share of all ranks' slots. The analytic values are (p-1)/(m+p-1) for AFAB and 1F1B and
 (p-1)/(v·m+p-1) for interleaved.
 
-Time-weighted idle share (`idle_share`): a B costs more than an F (2x for the backward alone; this
-executor's B also re-runs the stage forward, so 3x), and the SPMD executor runs its slots in lockstep
+Time-weighted idle share (`idle_share`): a B costs more than an F (2x for the backward alone, which this
+executor's B is: it runs the pullback its F saved; 3x under a remat policy that re-runs the forward), and the SPMD executor runs its slots in lockstep
 (every slot ends in ring transfers all ranks join), so a slot lasts as long as its slowest rank's work.
 `lockstep` is the idle share of that executor; `dataflow` that of the same programs on ranks that start
 each op as soon as its input has arrived (the papers' model: it equals the analytic bubble for AFAB and
@@ -93,7 +93,13 @@ class Schedule:
         return peaks
 
 
-def idle_share(s: Schedule, cost_f: float = 1.0, cost_b: float = 3.0) -> dict[str, float]:
+def backward_cost(remat: str) -> float:
+    """One B's cost in F's: 2 (the backward alone), 3 when the remat policy (`memory.remat`) re-runs the forward."""
+    names = {item.partition(":")[0].strip() for item in remat.split(",") if item.strip()}
+    return 2.0 if names <= {"none"} else 3.0
+
+
+def idle_share(s: Schedule, cost_f: float = 1.0, cost_b: float = 2.0) -> dict[str, float]:
     """Time-weighted idle share of all ranks' time, with one F costing `cost_f` and one B `cost_b`:
     {"lockstep": this executor (a slot lasts its slowest rank's F + B), "dataflow": each op as soon as its
     input is there, in the same per-rank order}."""
@@ -328,11 +334,12 @@ def schedule_of_config(cfg, pipe: int | None = None) -> Schedule:
     return build_schedule(pc.schedule, pipe, pc.microbatches, pc.virtual_stages)
 
 
-def schedule_report(s: Schedule) -> dict:
-    """Bubble and memory bound of a schedule, for the train log and `picotron-jax bench`."""
+def schedule_report(s: Schedule, cost_b: float = 2.0) -> dict:
+    """Bubble and memory bound of a schedule, for the train log and `picotron-jax bench` (`cost_b`: one B in
+    F's, `backward_cost`)."""
     return {
         "schedule": s.kind, "pipe": s.p, "microbatches": s.m, "virtual_stages": s.v, "slots": s.num_slots,
         "bubble_counted": s.bubble_fraction(), "bubble_analytic": s.analytic_bubble_fraction(),
         "max_in_flight": max(s.max_in_flight()),
-        **{f"idle_{k}": v for k, v in idle_share(s).items()},  # time-weighted, B = 3F (this executor)
+        **{f"idle_{k}": v for k, v in idle_share(s, 1.0, cost_b).items()}, "idle_cost_b": cost_b,  # time-weighted
     }
