@@ -53,7 +53,3 @@ def validate_moe_stages(e: MoEConfig, m: ModelConfig, sizes: dict[str, int]) -> 
           f"{sizes['pipe']}) all run one program over equal layer stacks, so a dense prefix on the first stage only "
           f"is not supported (missing: per-stage stacks of different shapes); use moe.every_n_layers for dense "
           f"layers (e.g. 2: [MoE, dense] repeated), or set mesh.pipe=1")
-    _need(e.dispatch == "dropless" or sizes["context"] == 1,
-          f"config field 'moe.dispatch' = 'capacity': in pipeline stages with mesh.context = {sizes['context']} each "
-          f"rank holds only part of every sequence, and capacity ranks the copies of whole sequences (missing: the "
-          f"ranking gathered over context); use moe.dispatch=dropless, or mesh.context=1")

@@ -131,10 +131,9 @@ def test_vocab_smaller_than_tokenizer(capsys, tmp_path):
 @pytest.mark.parametrize("name, overrides, field", [
     ("moe-single", ["precision.mode=fp16"], "precision.mode"),  # experts run without loss scaling
     ("moe-single", ["memory.remat=full:2,none:2"], "memory.remat"),  # the mixed stack takes one policy
-    # MoE in pipeline stages: equal stages, and capacity needs whole sequences
+    # MoE in pipeline stages: every stage holds the same layer structure
     ("pp2-afab", ["moe.num_experts=8", "moe.first_dense_layers=2"], "moe.first_dense_layers"),
     ("pp2-afab", ["moe.num_experts=8", "moe.every_n_layers=4"], "moe.every_n_layers"),
-    ("pp2-cp2-dp2", ["moe.num_experts=8"], "moe.dispatch"),
 ])
 def test_feature_combinations_that_do_not_compose_are_refused(name, overrides, field):
     with pytest.raises(UserError, match=f"config field '{field}'"):

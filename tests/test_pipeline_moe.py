@@ -84,6 +84,18 @@ def test_pipeline_moe_with_bias_balancing_and_drops_matches_single_device():
                               {**ref_grads, "moe": {k: v for k, v in ref_grads["moe"].items() if k != "router_bias"}})
 
 
+def test_pipeline_moe_with_context_parallel_capacity_drops_the_same_copies_as_one_device():
+    """pipe 2 x context 2 x expert 2 with a capacity that drops: each stage gathers its sequence's routing over
+    `context` and ranks the copies of whole sequences in the natural column order (parallel/ops.py StageOps
+    `capacity_positions`), so the same copies drop as on one device, with the zigzag layout."""
+    extra = ("moe.capacity_factor=0.5",)
+    metrics, grads = metrics_and_grads("pp2-ep4-moe", "mesh.pipe=2", "mesh.context=2", "mesh.expert=2", "mesh.data=1",
+                                       "mesh.num_devices=8", "pipeline.microbatches=2", *extra)
+    ref_metrics, ref_grads = metrics_and_grads("moe-single", "moe.every_n_layers=2", "train.grad_accum=2", *extra)
+    assert float(np.sum(ref_metrics["moe_dropped"])) > 0
+    assert_matches_one_device(metrics, grads, ref_metrics, ref_grads)
+
+
 FIVE_D = """
 import sys
 sys.path.insert(0, "tests")

@@ -189,8 +189,8 @@ def moe_ffn(p: dict[str, jax.Array], h_BTD: jax.Array, cfg: MoEConfig, ops: "Par
     experts = (p["w_gate"], p["w_up"], p["w_down"])
     if cfg.dispatch == "capacity":
         with jax.named_scope("moe_dispatch"):
-            C = expert_capacity(T, K, E, cfg.capacity_factor)
-            positions_BTK = capacity_positions(r.experts_BTK, r.priority_BTK, E)
+            positions_BTK, seq_len = ops.capacity_positions(r.experts_BTK, r.priority_BTK, E)
+            C = expert_capacity(seq_len, K, E, cfg.capacity_factor)
             dispatch_BTEC, combine_BTEC, kept_BTK = capacity_masks(r.experts_BTK, r.weights_BTK, positions_BTK, E, C)
             x_EBCD = jnp.einsum("btec,btd->ebcd", dispatch_BTEC.astype(h_BTD.dtype), h_BTD)
         with jax.named_scope("moe_experts"):

@@ -55,6 +55,11 @@ class ParallelOps(Protocol):
                          w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
         """Every token copy through its expert, none dropped: [B, T, D] -> [B, T, K, D]."""
 
+    def capacity_positions(self, experts_BTK: jax.Array, priority_BTK: jax.Array,
+                           num_experts: int) -> tuple[jax.Array, int]:
+        """(each token copy's rank among its whole sequence's copies sent to the same expert,
+        `models/moe.py:capacity_positions`; the whole sequence's length): capacity ranks whole sequences."""
+
     def token_share_mean(self, x: jax.Array) -> tuple[jax.Array, float | jax.Array]:
         """(the mean of x over the R equal shares of the batch's tokens that programs like this one hold,
         1 / R): x itself and 1 where the program sees the whole batch (here and under GSPMD)."""
@@ -94,6 +99,9 @@ class LocalOps:
 
     def dropless_experts(self, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD):
         return moe_math.dropless_experts(x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+    def capacity_positions(self, experts_BTK, priority_BTK, num_experts):
+        return moe_math.capacity_positions(experts_BTK, priority_BTK, num_experts), experts_BTK.shape[1]
 
     def token_share_mean(self, x):
         return x, 1.0

@@ -71,6 +71,10 @@ class MeshOps:
     def dropless_experts(self, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD):
         return expert_parallel_dropless(self.rules, x_BTD, experts_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
+    def capacity_positions(self, experts_BTK, priority_BTK, num_experts):
+        """Under GSPMD the arrays are whole sequences (in the run's column layout)."""
+        return moe_math.capacity_positions(experts_BTK, priority_BTK, num_experts), experts_BTK.shape[1]
+
     def token_share_mean(self, x):
         """The whole batch under GSPMD: x itself."""
         return x, 1.0
@@ -146,6 +150,18 @@ class StageOps:
     def dropless_experts(self, x_btD, experts_btK, w_gate, w_up, w_down):
         return dropless_local(x_btD, experts_btK, w_gate, w_up, w_down, w_gate.shape[0] * jax.lax.axis_size(_EXPERT),
                               _EXPERT, _TENSOR)
+
+    def capacity_positions(self, experts_btK, priority_btK, num_experts):
+        """With the sequence split over `context`, every rank's choices are all-gathered (small: [b, T, K]),
+        put back in the natural column order and ranked over the whole sequence, exactly as on one device;
+        this rank keeps its columns' ranks."""
+        if self.positions_n is None:
+            return moe_math.capacity_positions(experts_btK, priority_btK, num_experts), experts_btK.shape[1]
+        order_T = self.positions_T  # the layout: column j holds position order_T[j]
+        natural = jax.numpy.argsort(order_T)  # position t sits in layout column natural[t]
+        gather = lambda a: jax.numpy.take(jax.lax.all_gather(a, CONTEXT, axis=1, tiled=True), natural, axis=1)  # noqa: E731
+        ranks_BTK = moe_math.capacity_positions(gather(experts_btK), gather(priority_btK), num_experts)
+        return jax.numpy.take(ranks_BTK, self.positions_n, axis=1), order_T.shape[0]
 
     def token_share_mean(self, x):
         """This rank holds one of R equal shares of the microbatch's tokens (R = the sizes of the token axes)."""
