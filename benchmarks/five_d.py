@@ -15,10 +15,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
+from picotron_jax.bench import compiled_memory  # noqa: E402
 from picotron_jax.config import load_config  # noqa: E402
+from picotron_jax.memory.estimate import abstract_inputs  # noqa: E402
 from picotron_jax.observe.hlo import collective_stats  # noqa: E402
 from picotron_jax.run import build_run  # noqa: E402
 
@@ -29,13 +28,9 @@ ONE_DEVICE = ["mesh.num_devices=1", "mesh.pipe=1", "mesh.data=1", "mesh.context=
 def measure(overrides: list[str]) -> dict:
     cfg = load_config("meshes/5d-32.yaml", overrides)
     run = build_run(cfg, data=False)
-    rules, st = run.rules, run.setup
-    shapes = {k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len),
-                                      np.float32 if k == "mask" else np.int32, sharding=rules.batch_sharding())
-              for k in ("inputs", "targets", "mask")}
-    compiled = run.train_step.lower(st.abstract, shapes).compile()
-    mem = compiled.memory_analysis()
-    return {"args": mem.argument_size_in_bytes, "out": mem.output_size_in_bytes, "temp": mem.temp_size_in_bytes,
+    compiled = run.train_step.lower(*abstract_inputs(cfg, run.rules, run.setup)).compile()
+    mem = compiled_memory(compiled)
+    return {"args": mem["argument_bytes"], "temp": mem["temp_bytes"],
             "bytes": collective_stats(compiled.as_text())["bytes"]}
 
 
