@@ -60,9 +60,11 @@ def test_every_candidate_passes_validation_and_keeps_divisibility(extra):
         v = lay.virtual_stages if lay.schedule == "interleaved" else 1
         assert m.num_layers % (lay.pipe * v) == 0
         if extra:
-            assert 4 % lay.expert == 0 and lay.pipe == 1  # MoE takes remat; pipelines with MoE are refused
+            assert 4 % lay.expert == 0  # MoE takes remat and pipelines (each stage whole [MoE, dense] groups)
+            assert (m.num_layers // (lay.pipe * v)) % lcfg.moe.every_n_layers == 0
         assert cfg.train.seq_len % (2 * lay.context if lay.context > 1 else 1) == 0
     assert len(set(layouts)) == len(layouts)
+    assert any(lay.pipe > 1 for lay in layouts)  # MoE models get pipelined candidates too
 
 
 def test_enumeration_errors_name_the_flag():
