@@ -121,7 +121,7 @@ def _plan(cfg: Config, devices: list, args) -> dict:
     space = candidate_space(cfg, len(devices), remats, _ints(args.accum, "--accum"), _ints(args.zero, "--zero"))
     if not space:
         raise UserError("--plan: no candidate (remat x grad_accum x zero) is valid for this config; widen --remat, "
-                        "--accum or --zero (MoE models and pipelines take memory.remat=none only)")
+                        "--accum or --zero (pipelines take no grad_accum, MoE models no per-layer remat segments)")
     table = plan(cfg, devices, space, log=lambda s: print(s, file=sys.stderr))
     choice = choose(table, budget)
     print(format_plan(table, budget, choice))
