@@ -47,6 +47,13 @@ def varying_axes(x) -> frozenset[str]:
     return frozenset(varying)
 
 
+def vary(x, axes) -> jax.Array:
+    """x typed as varying over `axes` too (shard_map's type system; `jax.lax.pcast` of the axes it does not
+    vary over yet)."""
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def distributed_state():
     """JAX's multi-process state after `jax.distributed.initialize()`: `jax._src.distributed.global_state`,
     whose `client` is the coordination service (key-value store, barriers) and `process_id`,

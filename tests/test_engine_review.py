@@ -208,10 +208,12 @@ def test_compat_reads_varying_axes_and_fails_loudly_when_the_api_changes(monkeyp
 
     def body(a):
         seen["inside"] = compat.varying_axes(a)
+        seen["made_varying"] = compat.varying_axes(compat.vary(jnp.ones(()), ("x",)))  # pcast of what is missing
         return a
 
     jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"))(jnp.ones(4))
     assert seen["inside"] == frozenset({"x"}) and compat.varying_axes(jnp.ones(2)) == frozenset()
+    assert seen["made_varying"] == frozenset({"x"})
     monkeypatch.setattr(jax, "typeof", lambda x: object())
     with pytest.raises(compat.CompatError, match=r"jax.typeof\(x\).mat.varying.*compat.py"):
         compat.varying_axes(jnp.ones(2))

@@ -190,12 +190,7 @@ def test_tied_embeddings_get_both_ends_gradients():
 
 def step_temp_bytes(cfg) -> int:
     """Per-device temporary bytes of the compiled train step (XLA's buffer assignment; deterministic)."""
-    rules, st = setup(cfg)
-    shapes = {k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len),
-                                      np.float32 if k == "mask" else np.int32, sharding=rules.batch_sharding())
-              for k in ("inputs", "targets", "mask")}
-    compiled = build_train_step(cfg, rules, st).lower(st.abstract, shapes).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return step_cost(cfg)[1]
 
 
 @pytest.mark.slow

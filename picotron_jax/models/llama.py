@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from picotron_jax.compat import varying_axes
+from picotron_jax.compat import vary, varying_axes
 from picotron_jax.config import ModelConfig, MoEConfig
 from picotron_jax.models import moe as moe_math
 from picotron_jax.models.attention import apply_rotary, rotary_tables
@@ -285,8 +285,7 @@ PROBE_INDEX = "_probe_layer"  # the layer's index within the stack run, scanned 
 
 def _vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
     """x typed as varying over the mesh axes `ref` varies over (inside shard_map; the identity outside)."""
-    missing = tuple(sorted(varying_axes(ref) - varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return vary(x, tuple(sorted(varying_axes(ref))))
 
 
 def _probe_init(probe: LayerProbe, x_BTD: jax.Array, num_layers: int) -> dict:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from picotron_jax.compat import varying_axes
+from picotron_jax.compat import vary as _vary, varying_axes
 from picotron_jax.config import Config
 from picotron_jax.models.attention import rotary_tables
 from picotron_jax.models import llama
@@ -64,12 +64,6 @@ from picotron_jax.parallel.sharding import LOGICAL_RULES, MeshRules, logical_to_
 (CONTEXT,) = LOGICAL_RULES["seq"]
 STAGED = ("layers", "moe")  # the params held per stage ([L, ...], [L_moe, ...]); the rest: first / last stage's
 F32 = jnp.float32
-
-
-def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """Mark x as varying over `axes` (shard_map's type system), where it does not vary yet."""
-    missing = tuple(a for a in axes if a not in varying_axes(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _zeros_like(x: jax.Array, dtype=F32) -> jax.Array:
@@ -177,11 +171,9 @@ def pipeline_loss_and_grads(cfg: Config, rules: MeshRules, spec, compute_dtype=F
         if plan is not None:
             tokens_m = jax.lax.psum(_vary(jnp.sum(micro["mask"].astype(F32), axis=(1, 2)), batch_axes), batch_axes)
             moe_weights = {"tokens": tokens_m, "aux": cfg.moe.aux_loss, "z": cfg.moe.router_z_loss}
-        moe_shapes = None if plan is None else {
-            k: (stage_plan.num_moe, cfg.moe.num_experts) if k == "load" else (stage_plan.num_moe,) for k in MOE_STATS}
         st = _Stage(sched, {k: jnp.asarray(t) for k, t in tables.items()}, r, llama.head_param(mc), act_axes,
                     _vary(jnp.zeros((b, n, mc.hidden_size), cd), act_axes), stage_forward, embed, head_loss, z_coef,
-                    _vary(seed.astype(F32), act_axes), staged, cast, probe_on, positions_n, moe_weights, moe_shapes)
+                    _vary(seed.astype(F32), act_axes), staged, cast, probe_on, positions_n, moe_weights)
         if forward_only:
             _, (nll, z) = _afab_forward(st, params)
             return jax.lax.psum(nll, act_axes), jax.lax.psum(z, act_axes)
@@ -273,7 +265,6 @@ class _Stage:
     probe_on: jax.Array | None = None  # the monitor's layer probe (models/llama.py LayerProbe); None: off
     positions_n: jax.Array | None = None  # this rank's columns' positions under context parallelism, else None
     moe_weights: dict | None = None  # {"tokens": [m] each microbatch's tokens, "aux", "z": the coefficients}
-    moe_shapes: dict | None = None  # the MoE stats' shapes per chunk: load [Gc, E], the others [Gc]
 
     def ends(self, params: dict) -> dict:
         """The last stage's parameters: final norm and the head's (the embedding table when tied)."""
@@ -366,12 +357,12 @@ def _run_schedule(st: _Stage, params: dict):
     residuals = StageResiduals(stage_fn, st.act_axes)
     carry["saved"] = residuals.buffers(st.cast(st.chunk(params, 0)), st.zero_act, st.rank, s.act_slots)
     if st.moe_weights is not None:  # per chunk and MoE layer of this rank: [v, Gc, ...]
-        carry["moe"] = {k: _vary(jnp.zeros((s.v, *shape), F32), st.act_axes) for k, shape in st.moe_shapes.items()}
+        carry["moe"] = {k: _vary(jnp.zeros((s.v, *shape), F32), st.act_axes)
+                        for k, (shape, _, _) in residuals.out_types[1].items()}
 
     def forward(row, c):
         i = row["f_mb"]
         x = jax.lax.cond(row["f_first"], lambda: st.embed(params["embed"], i), lambda: c["acts"][row["f_buf"]])
-        c = {**c, "acts": c["acts"].at[row["f_buf"]].set(x)}
         k, stage = row["f_chunk"], row["f_chunk"] * p + st.rank
         (y, stats), probed, saved = residuals.save(c["saved"], row["f_buf"], st.cast(st.chunk(params, k)), x, stage)
         c = {**c, "saved": saved}

@@ -20,12 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from picotron_jax.compat import varying_axes
-
-
-def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    missing = tuple(a for a in axes if a not in varying_axes(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+from picotron_jax.compat import vary as _vary, varying_axes
 
 
 class StageResiduals:
